@@ -1,0 +1,8 @@
+"""unisd-fast: fused, exact UniSD self-distillation losses for LLMs."""
+
+from .config import PRESETS, UniSDConfig
+from .losses import UniSDLoss, UniSDOutput, unisd_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "UniSDConfig", "UniSDLoss", "UniSDOutput", "unisd_loss", "__version__"]

@@ -1,0 +1,78 @@
+"""Length-N steps between the two passes: clip threshold, agreement weights, normalisers.
+
+Everything here works on (B, T) or (K, B, T) float32 tensors on the logits' device and never
+syncs with the host (no ``.item()``, no boolean indexing), so a CUDA step stays asynchronous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEQUENCE_WEIGHT_FLOOR = 1e-6
+AGREEMENT_SCALE_FLOOR = 1e-6
+
+
+def masked_quantile(values, mask, q: float):
+    """torch.quantile (linear interpolation) of values[mask] as a 0-dim tensor; 0 if empty."""
+    flat = values.reshape(-1)
+    keep = mask.reshape(-1)
+    n = keep.sum()
+    ordered = torch.where(keep, flat, float("inf")).sort().values
+    last = torch.clamp(n - 1, min=0)
+    pos = q * last.to(flat.dtype)
+    lo = torch.clamp(pos.floor().long(), max=last)
+    hi = torch.clamp(pos.ceil().long(), max=last)
+    low, high = ordered[lo], ordered[hi]
+    value = low + (pos - lo.to(flat.dtype)) * (high - low)
+    return torch.where(n > 0, value, torch.zeros_like(value))
+
+
+def clip_mask(d, mask, cfg):
+    """(threshold, clipped): the clip constant (0-dim tensor or None) and the clipped tokens."""
+    if cfg.clip is not None:
+        c = torch.tensor(float(cfg.clip), dtype=d.dtype, device=d.device)
+    elif cfg.clip_quantile is not None:
+        c = masked_quantile(d, mask, cfg.clip_quantile)
+    else:
+        return None, torch.zeros_like(mask)
+    return c, mask & (d > c)
+
+
+def agreement_weights(view_lp, mask, cfg):
+    """Agreement weights (B, T) from view label log-probs (K, B, T); 0 on ignored tokens."""
+    if cfg.agreement == "token":
+        if cfg.agreement_stat == "range":
+            d = view_lp.amax(0) - view_lp.amin(0)
+        else:
+            d = view_lp.var(dim=0, correction=1)
+        s = torch.clamp(masked_quantile(d, mask, cfg.agreement_quantile),
+                        min=AGREEMENT_SCALE_FLOOR)
+        ratio = torch.clamp(d / s, max=cfg.agreement_cap)
+        w = torch.clamp(1.0 / (1.0 + cfg.agreement_gamma * ratio), min=cfg.agreement_floor)
+    else:
+        m = mask.to(view_lp.dtype)
+        mu = (view_lp * m).sum(-1) / torch.clamp(m.sum(-1), min=1.0)
+        if cfg.agreement_stat == "range":
+            d = mu.amax(0) - mu.amin(0)
+        else:
+            d = mu.var(dim=0, correction=0)
+        w = torch.clamp(torch.exp(-cfg.agreement_gamma * d), min=SEQUENCE_WEIGHT_FLOOR)
+        w = w.unsqueeze(-1).expand_as(mask)
+    return torch.where(mask, w, 0.0)
+
+
+def token_scale(weights, normalize: str, num_items_in_batch):
+    """Per-token factor turning sum_i scale_i * x_i into the masked mean of section 2."""
+    if num_items_in_batch is not None:
+        return weights / num_items_in_batch
+    if normalize == "sequence":
+        per_seq = torch.clamp(weights.sum(-1, keepdim=True), min=1.0) * weights.shape[0]
+        return weights / per_seq
+    return weights / torch.clamp(weights.sum(), min=1.0)
+
+
+def hinge(s, a, b, margin: float):
+    """(c, g): the contrastive hinge and d c / d s = 1[c>0] (sign(s-a) - sign(s-b))."""
+    c = torch.clamp(margin + (s - a).abs() - (s - b).abs(), min=0.0)
+    g = (c > 0).to(s.dtype) * (torch.sign(s - a) - torch.sign(s - b))
+    return c, g

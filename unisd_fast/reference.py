@@ -1,0 +1,197 @@
+"""The UniSD loss in plain PyTorch: the executable form of DESIGN.md section 2.
+
+Every fused implementation is tested against this file. It favours clarity over memory: it
+materialises full log-softmax tensors. Arithmetic runs in float32, or float64 when the inputs
+are float64, so a float64 call gives a float64 answer. It imports nothing of the package; the
+config argument only needs the attributes of ``UniSDConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SEQUENCE_WEIGHT_FLOOR = 1e-6
+AGREEMENT_SCALE_FLOOR = 1e-6
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            dtype = torch.float64
+    return dtype
+
+
+def divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
+    """Per-row D between p_S = softmax(z/tau) and p_T = softmax(u/tau), last dim reduced."""
+    log_ps = torch.log_softmax(z / tau, dim=-1)
+    log_pt = torch.log_softmax(u / tau, dim=-1)
+    if kind == "fkl":
+        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if kind == "rkl":
+        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_ps + math.log(1 - alpha), log_pt + math.log(alpha))
+        kl_tm = (log_pt.exp() * (log_pt - log_m)).sum(-1)
+        kl_sm = (log_ps.exp() * (log_ps - log_m)).sum(-1)
+        return alpha * kl_tm + (1 - alpha) * kl_sm
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def label_logprob(x, labels, mask, tau: float):
+    """log softmax(x/tau)[labels] per row; 0 where mask is False."""
+    safe = torch.where(mask, labels, 0)
+    lp = torch.log_softmax(x / tau, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, lp, torch.zeros_like(lp))
+
+
+def masked_quantile(values, mask, q: float):
+    """torch.quantile (linear interpolation) of values[mask]; None when mask is empty."""
+    selected = values[mask]
+    if selected.numel() == 0:
+        return None
+    return torch.quantile(selected, q)
+
+
+def clip_threshold(d, mask, clip, clip_quantile):
+    """The clip constant c (a detached scalar tensor) or None when clipping is off."""
+    if clip is not None:
+        return torch.tensor(float(clip), dtype=d.dtype)
+    if clip_quantile is not None:
+        c = masked_quantile(d.detach(), mask, clip_quantile)
+        return None if c is None else c.detach()
+    return None
+
+
+def disagreement(view_lp, stat: str, unbiased: bool):
+    """Spread of K view log-probs along dim 0: variance (K-1 or K denominator) or range."""
+    if stat == "range":
+        return view_lp.amax(0) - view_lp.amin(0)
+    return view_lp.var(dim=0, correction=1 if unbiased else 0)
+
+
+def agreement_weights(view_lp, mask, cfg):
+    """Agreement weights (B, T) from view label log-probs (K, B, T); constants."""
+    view_lp = view_lp.detach()
+    if cfg.agreement == "token":
+        d = disagreement(view_lp, cfg.agreement_stat, unbiased=True)
+        s = masked_quantile(d, mask, cfg.agreement_quantile)
+        s = torch.clamp(s if s is not None else d.new_zeros(()), min=AGREEMENT_SCALE_FLOOR)
+        ratio = torch.clamp(d / s, max=cfg.agreement_cap)
+        w = torch.clamp(1.0 / (1.0 + cfg.agreement_gamma * ratio), min=cfg.agreement_floor)
+    elif cfg.agreement == "sequence":
+        m = mask.to(view_lp.dtype)
+        mu = (view_lp * m).sum(-1) / torch.clamp(m.sum(-1), min=1.0)
+        d = disagreement(mu, cfg.agreement_stat, unbiased=False)
+        w = torch.clamp(torch.exp(-cfg.agreement_gamma * d), min=SEQUENCE_WEIGHT_FLOOR)
+        w = w.unsqueeze(-1).expand_as(mask).clone()
+    else:
+        raise ValueError(f"unknown agreement {cfg.agreement!r}")
+    return torch.where(mask, w, torch.zeros_like(w))
+
+
+def contrastive_hinge(s, a, b, margin: float):
+    """c = max(0, margin + |s - a| - |s - b|), a and b constants."""
+    return torch.clamp(margin + (s - a.detach()).abs() - (s - b.detach()).abs(), min=0.0)
+
+
+def feature_distance(h_s, h_t):
+    """f = ||h_S - h_T||^2 / H per token."""
+    return (h_s - h_t.detach()).pow(2).mean(-1)
+
+
+def masked_mean(values, weights, normalize: str, num_items_in_batch):
+    """The reductions of section 2: per-sequence or per-token weighted masked means."""
+    if num_items_in_batch is not None:
+        return (weights * values).sum() / num_items_in_batch
+    if normalize == "sequence":
+        per_seq = (weights * values).sum(-1) / torch.clamp(weights.sum(-1), min=1.0)
+        return per_seq.mean()
+    return (weights * values).sum() / torch.clamp(weights.sum(), min=1.0)
+
+
+def unisd_loss_reference(
+    student_logits,
+    teacher_logits,
+    labels,
+    *,
+    config,
+    view_logits=None,
+    view_logprobs=None,
+    negative_logits=None,
+    negative_logprobs=None,
+    student_hidden=None,
+    teacher_hidden=None,
+    num_items_in_batch=None,
+):
+    """The whole UniSD loss; returns a dict of loss, its parts and per-token diagnostics.
+
+    Inputs are assumed validated (see ``unisd_fast.losses``). Rows whose label is
+    ``config.ignore_index`` are replaced by zeros before any arithmetic, so non-finite values
+    there never reach the loss or the gradient.
+    """
+    cfg = config
+    dtype = compute_dtype(student_logits, teacher_logits, student_hidden)
+    mask = labels != cfg.ignore_index
+    row_mask = mask.unsqueeze(-1)
+    zero = torch.zeros((), dtype=dtype)
+
+    z = torch.where(row_mask, student_logits.to(dtype), zero)
+    u = torch.where(row_mask, teacher_logits.to(dtype), zero).detach()
+    tau = cfg.temperature
+
+    d = divergence(z, u, cfg.divergence, tau, cfg.jsd_alpha)
+    d = torch.where(mask, d, torch.zeros_like(d))
+    c = clip_threshold(d, mask, cfg.clip, cfg.clip_quantile)
+    clipped = mask & (d > c) if c is not None else torch.zeros_like(mask)
+    d_clipped = torch.where(clipped, c.to(dtype) if c is not None else zero, d)
+
+    if cfg.agreement != "none":
+        if view_logprobs is not None:
+            view_lp = torch.where(mask, view_logprobs.to(dtype), zero)
+        else:
+            views = torch.stack([v.to(dtype) for v in view_logits])
+            views = torch.where(row_mask.unsqueeze(0), views, zero)
+            view_lp = label_logprob(views, labels.expand(views.shape[:-1]), mask,
+                                    cfg.view_temperature)
+        w = agreement_weights(view_lp, mask, cfg)
+    else:
+        w = mask.to(dtype)
+    m = mask.to(dtype)
+
+    kd = masked_mean(d_clipped, w * m, cfg.normalize, num_items_in_batch)
+    loss = cfg.kd_weight * kd
+
+    contrastive = zero
+    if cfg.contrastive_weight > 0:
+        s = label_logprob(z, labels, mask, tau)
+        a = label_logprob(u, labels, mask, tau)
+        if negative_logprobs is not None:
+            b = torch.where(mask, negative_logprobs.to(dtype), zero)
+        else:
+            n = torch.where(row_mask, negative_logits.to(dtype), zero)
+            b = label_logprob(n, labels, mask, tau)
+        hinge = torch.where(mask, contrastive_hinge(s, a, b, cfg.contrastive_margin), zero)
+        contrastive = masked_mean(hinge, m, cfg.normalize, num_items_in_batch)
+        loss = loss + cfg.contrastive_weight * contrastive
+
+    feature = zero
+    if cfg.feature_weight > 0:
+        h_s = torch.where(row_mask, student_hidden.to(dtype), zero)
+        h_t = torch.where(row_mask, teacher_hidden.to(dtype), zero)
+        f = feature_distance(h_s, h_t)
+        feature = masked_mean(f, m, cfg.normalize, num_items_in_batch)
+        loss = loss + cfg.feature_weight * feature
+
+    return {
+        "loss": loss,
+        "kd": kd.detach(),
+        "contrastive": contrastive.detach(),
+        "feature": feature.detach(),
+        "token_divergence": d.detach(),
+        "token_weight": w.detach(),
+        "clipped": clipped,
+    }

@@ -1,0 +1,131 @@
+"""Input checks of ``unisd_loss``: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _tensor(name, x, dtypes, kind):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must be a {kind} tensor ({', '.join(map(str, dtypes))}), "
+                        f"got {x.dtype}")
+
+
+def _shape(name, x, expected, what):
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, "
+                         f"got {tuple(x.shape)}")
+
+
+def _device(name, x, device):
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but student_logits is on {device}")
+
+
+def _float_input(name, x, expected, what, device):
+    _tensor(name, x, FLOAT_DTYPES, "floating-point")
+    _shape(name, x, expected, what)
+    _device(name, x, device)
+
+
+def _one_of(first, second, first_x, second_x, needed_for):
+    if first_x is not None and second_x is not None:
+        raise ValueError(f"give either {first} or {second}, not both")
+    if first_x is None and second_x is None:
+        raise ValueError(f"{needed_for} needs {first} or {second}")
+
+
+def _views(view_logits, B, T, V, device):
+    if isinstance(view_logits, torch.Tensor):
+        _tensor("view_logits", view_logits, FLOAT_DTYPES, "floating-point")
+        if view_logits.dim() != 4:
+            raise ValueError(f"view_logits must have shape (K, B, T, V) = (K, {B}, {T}, {V}),"
+                             f" got {tuple(view_logits.shape)}")
+        views = list(view_logits.unbind(0))
+    elif isinstance(view_logits, (list, tuple)):
+        views = list(view_logits)
+    else:
+        raise TypeError("view_logits must be a (K, B, T, V) tensor or a list of K (B, T, V) "
+                        f"tensors, got {type(view_logits).__name__}")
+    for k, v in enumerate(views):
+        _float_input(f"view_logits[{k}]", v, (B, T, V), "(B, T, V)", device)
+    return views
+
+
+def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
+                    negative_logits, negative_logprobs, student_hidden, teacher_hidden,
+                    num_items_in_batch):
+    """Check every input against the config; returns the views as a list (or None)."""
+    _tensor("student_logits", student_logits, FLOAT_DTYPES, "floating-point")
+    if student_logits.dim() != 3 or min(student_logits.shape) == 0:
+        raise ValueError("student_logits must have shape (B, T, V) with no empty dimension, "
+                         f"got {tuple(student_logits.shape)}")
+    B, T, V = student_logits.shape
+    device = student_logits.device
+    _float_input("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)", device)
+    _tensor("labels", labels, INT_DTYPES, "integer")
+    _shape("labels", labels, (B, T), "(B, T)")
+    _device("labels", labels, device)
+    bad = (labels != cfg.ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index="
+                         f"{cfg.ignore_index}; found {labels[bad][0].item()}")
+
+    views = None
+    if cfg.agreement != "none":
+        _one_of("view_logits", "view_logprobs", view_logits, view_logprobs,
+                f"agreement={cfg.agreement!r}")
+        if view_logits is not None:
+            views = _views(view_logits, B, T, V, device)
+            K = len(views)
+        else:
+            _tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "floating-point")
+            if view_logprobs.dim() != 3:
+                raise ValueError(f"view_logprobs must have shape (K, B, T) = (K, {B}, {T}), "
+                                 f"got {tuple(view_logprobs.shape)}")
+            K = view_logprobs.shape[0]
+            _float_input("view_logprobs", view_logprobs, (K, B, T), "(K, B, T)", device)
+        if K < 2:
+            raise ValueError(f"agreement={cfg.agreement!r} needs K >= 2 teacher views, got "
+                             f"K={K}")
+
+    if cfg.contrastive_weight > 0:
+        _one_of("negative_logits", "negative_logprobs", negative_logits, negative_logprobs,
+                "contrastive_weight > 0")
+        if negative_logits is not None:
+            _float_input("negative_logits", negative_logits, (B, T, V), "(B, T, V)", device)
+        else:
+            _float_input("negative_logprobs", negative_logprobs, (B, T), "(B, T)", device)
+
+    if cfg.feature_weight > 0:
+        if student_hidden is None or teacher_hidden is None:
+            raise ValueError("feature_weight > 0 needs student_hidden and teacher_hidden "
+                             "(B, T, H)")
+        _tensor("student_hidden", student_hidden, FLOAT_DTYPES, "floating-point")
+        if student_hidden.dim() != 3 or student_hidden.shape[-1] == 0:
+            raise ValueError(f"student_hidden must have shape (B, T, H) = ({B}, {T}, H), "
+                             f"got {tuple(student_hidden.shape)}")
+        H = student_hidden.shape[-1]
+        _float_input("student_hidden", student_hidden, (B, T, H), "(B, T, H)", device)
+        _float_input("teacher_hidden", teacher_hidden, (B, T, H), "(B, T, H)", device)
+
+    if num_items_in_batch is not None:
+        if cfg.normalize != "token":
+            raise ValueError("num_items_in_batch is only accepted with normalize='token'")
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError("num_items_in_batch must be a scalar, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+            _device("num_items_in_batch", num_items_in_batch, device)
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch,
+                                                                    (int, float)):
+            raise TypeError("num_items_in_batch must be a number or a scalar tensor, got "
+                            f"{type(num_items_in_batch).__name__}")
+        elif num_items_in_batch <= 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    return views
