@@ -150,3 +150,15 @@ def test_bad_data_file_is_reported(tmp_path):
     path.write_text('{"prompt": "a", "demonstration": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: missing field 'demonstration'"):
         run(TrainConfig(data=str(path), output_dir=str(tmp_path / "o"), **FAST))
+
+
+def test_local_pretrained_model_path(tmp_path):
+    from unisd_fast.tiny import build_tiny_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    build_tiny_model(tokenizer, hidden_size=32, arch="llama").save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    out = str(tmp_path / "o")
+    base = str(tmp_path / "base")
+    cfg = TrainConfig(model=base, method="sd", max_steps=1, output_dir=out, **FAST)
+    assert run(cfg)["step"] == 1
