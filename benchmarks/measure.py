@@ -1,0 +1,247 @@
+"""Timing, peak memory and error measurement of one provider on one set of inputs.
+
+Each repetition runs on fresh gradients (``.grad = None``): forward, then (when a backward
+mode is asked for) backward, timed separately, so one repetition yields the forward, the
+backward and the forward+backward figures. Times are medians over repetitions: CUDA events
+on GPU, ``time.perf_counter`` on CPU (where every op is synchronous).
+
+Peak memory is measured above what is allocated just before the forward, that is above the
+inputs: the CUDA caching allocator's ``max_memory_allocated`` on GPU; on CPU the process's
+peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above its resident set
+before the forward, in one dedicated repetition run with glibc's mmap threshold at 64 KiB
+and the heap trimmed (``exact_rss``), so that what is freed leaves the resident set and
+what is allocated enters it. The backward's peak counts what the forward saved. CPU
+figures are meant for a process of its own (the sweep runs one per provider).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import statistics
+import threading
+import time
+
+import torch
+
+from .inputs import clear_grads, grad_leaves
+
+MB = 2**20
+
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def pin_malloc(threshold: int = 64 * 1024) -> None:
+    """Fix glibc's mmap threshold (no dynamic growth): blocks >= threshold are mmapped and
+    unmapped on free, so that freed tensors leave the resident set."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
+
+
+@contextlib.contextmanager
+def exact_rss(enabled: bool):
+    """Small mmap threshold and a trimmed heap inside; glibc's usual 32 MiB cap after."""
+    if not enabled:
+        yield
+        return
+    pin_malloc(64 * 1024)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        pin_malloc(32 * MB)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class CudaMemory:
+    """Bytes allocated by PyTorch's CUDA caching allocator, and their peak since reset."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def reset(self) -> int:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+class RssMemory:
+    """Resident set of this process and its peak since reset (Linux /proc)."""
+
+    def __init__(self):
+        self._sampler = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self._sampler = _RssSampler()
+
+    def reset(self) -> int:
+        if self._sampler is not None:
+            return self._sampler.reset()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        return _status_kb("VmRSS:") * 1024
+
+    def peak(self) -> int:
+        if self._sampler is not None:
+            return self._sampler.peak()
+        return _status_kb("VmHWM:") * 1024
+
+
+class _RssSampler:
+    """Fallback where clear_refs is not writable: a thread sampling VmRSS every 0.5 ms."""
+
+    def __init__(self):
+        self._max = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            rss = _status_kb("VmRSS:") * 1024
+            with self._lock:
+                self._max = max(self._max, rss)
+            time.sleep(0.0005)
+
+    def reset(self) -> int:
+        rss = _status_kb("VmRSS:") * 1024
+        with self._lock:
+            self._max = rss
+        return rss
+
+    def peak(self) -> int:
+        with self._lock:
+            return max(self._max, _status_kb("VmRSS:") * 1024)
+
+
+class CpuClock:
+    def mark(self):
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return (b - a) * 1e3
+
+    def sync(self):
+        pass
+
+
+class CudaClock:
+    def mark(self):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b)
+
+    def sync(self):
+        torch.cuda.synchronize()
+
+
+def tools_for(device: torch.device):
+    """(clock, memory) for a device."""
+    if device.type == "cuda":
+        return CudaClock(), CudaMemory(device)
+    return CpuClock(), RssMemory()
+
+
+def _rep(fn, inputs, backward, clock, memory) -> dict:
+    """One repetition on fresh gradients: times (ms) and peaks above inputs (bytes)."""
+    clear_grads(inputs)
+    clock.sync()
+    base = memory.reset()
+    t0 = clock.mark()
+    loss = fn(inputs)
+    t1 = clock.mark()
+    clock.sync()
+    out = {"loss": loss, "fwd_ms": clock.ms(t0, t1), "fwd_peak": memory.peak() - base}
+    if backward:
+        memory.reset()
+        t2 = clock.mark()
+        loss.backward()
+        t3 = clock.mark()
+        clock.sync()
+        out["bwd_ms"] = clock.ms(t2, t3)
+        out["bwd_peak"] = memory.peak() - base
+    return out
+
+
+def measure(fn, inputs: dict, modes, reps: int, warmup: int, device: torch.device):
+    """Time and peak memory of ``fn(inputs) -> scalar loss``.
+
+    ``warmup`` untimed repetitions (compilation, autotuning), then one repetition that
+    measures memory (on CPU with every block >= 64 KiB mmapped and the heap trimmed, so that
+    the resident set follows the tensors), then ``reps`` timed repetitions (on CPU with
+    glibc's usual 32 MiB mmap threshold). Returns ({mode: {"time_ms": median,
+    "mem_bytes": peak above inputs}}, loss, grads) with loss and grads (detached) of the
+    last repetition.
+    """
+    clock, memory = tools_for(device)
+    backward = any(m != "fwd" for m in modes)
+    for _ in range(warmup):
+        _rep(fn, inputs, backward, clock, memory)
+    with exact_rss(device.type == "cpu"):
+        r = _rep(fn, inputs, backward, clock, memory)
+    peaks = {"fwd": max(r["fwd_peak"], 0)}
+    if backward:
+        peaks["bwd"] = max(r["bwd_peak"], 0)
+        peaks["fwd_bwd"] = max(peaks["fwd"], peaks["bwd"])
+    times = {"fwd": [], "bwd": [], "fwd_bwd": []}
+    for _ in range(reps):
+        r = _rep(fn, inputs, backward, clock, memory)
+        times["fwd"].append(r["fwd_ms"])
+        if backward:
+            times["bwd"].append(r["bwd_ms"])
+            times["fwd_bwd"].append(r["fwd_ms"] + r["bwd_ms"])
+    out = {m: {"time_ms": statistics.median(times[m]) if times[m] else math.nan,
+               "mem_bytes": peaks[m]} for m in modes}
+    grads = [t.grad for t in grad_leaves(inputs)] if backward else []
+    return out, r["loss"].detach(), grads
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
+    """max |a - b| in float64, row block by row block (a and b may sit on different devices)."""
+    a2 = a.reshape(-1, a.shape[-1])
+    b2 = b.reshape(-1, b.shape[-1])
+    worst = 0.0
+    for r in range(0, a2.shape[0], rows):
+        blk = a2[r:r + rows].to("cpu", torch.float64) - b2[r:r + rows].to("cpu", torch.float64)
+        worst = max(worst, float(blk.abs().max()))
+    return worst
+
+
+def errors(loss: torch.Tensor, grad: torch.Tensor | None, ref: dict) -> dict:
+    """Loss and logits-gradient errors against a float64 reference {"loss", "grad"}.
+
+    loss_rel_err = |L - L_ref| / |L_ref|; grad_rel_err = max|g - g_ref| / max|g_ref|.
+    """
+    ref_loss = float(ref["loss"])
+    loss_abs = abs(float(loss) - ref_loss)
+    out = {"loss_abs_err": loss_abs, "loss_rel_err": loss_abs / max(abs(ref_loss), 1e-30)}
+    if grad is not None and ref.get("grad") is not None:
+        g_abs = max_abs_diff(grad, ref["grad"])
+        scale = float(ref["grad"].abs().max())
+        out["grad_abs_err"] = g_abs
+        out["grad_rel_err"] = g_abs / scale if scale > 0 else math.nan
+    return out
