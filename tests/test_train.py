@@ -162,3 +162,15 @@ def test_local_pretrained_model_path(tmp_path):
     base = str(tmp_path / "base")
     cfg = TrainConfig(model=base, method="sd", max_steps=1, output_dir=out, **FAST)
     assert run(cfg)["step"] == 1
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
+    (tmp_path / "checkpoint-000003").mkdir()
+    assert main(["--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "already holds checkpoints (checkpoint-000003)" in capsys.readouterr().err
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "demonstration": "b"}\n{"demonstration": "b"}\n')
+    args = ["--output-dir", str(tmp_path), "--overwrite", "--data", str(data), "--no-progress"]
+    assert main(args) == 2
+    assert "d.jsonl:2: missing field 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint-000003").exists()

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,8 +27,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .data import Example, Task, load_task
+from .checkpoint import (
+    find_checkpoint,
+    list_checkpoints,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .data import DataError, Example, Task, load_task
 from .evaluate import evaluate
 from .losses import unisd_loss
 from .prompts import PromptEncoder
@@ -329,6 +337,14 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    stale = list_checkpoints(out) if resume_from is None else []
+    if stale and not cfg.overwrite:
+        raise FileExistsError(
+            f"output_dir {str(out)!r} already holds checkpoints ({stale[-1].name}); pass --resume "
+            "to continue, --overwrite to start afresh, or another --output-dir"
+        )
+    for path in stale:
+        shutil.rmtree(path)
     log.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=2))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
@@ -482,10 +498,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = parse_args(argv)
-    except (ConfigError, FileNotFoundError) as e:
+        summary = run(cfg)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"unisd-train: error: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -36,6 +36,8 @@ LOSS_FIELDS = (
     "normalize",
 )
 
+METHOD_DEFAULTED = (*LOSS_FIELDS, "ema_beta", "ema_every")
+
 
 def _f(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
@@ -126,6 +128,9 @@ class TrainConfig:
         None,
         "continue from a checkpoint folder; bare --resume = latest in --output-dir",
         const="latest",
+    )
+    overwrite: bool = _f(
+        False, "start afresh in an --output-dir that holds checkpoints (deletes them)"
     )
     progress: bool = _f(True, "show a tqdm progress bar")
 
@@ -278,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
         allowed = _types(hints[f.name])
         kind = next(t for t in allowed if t is not type(None))
         meta = f.metadata
-        help_text = f"{meta['help']} (default: {f.default})"
+        default = "the method's" if f.name in METHOD_DEFAULTED else f.default
+        help_text = f"{meta['help']} (default: {default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
