@@ -174,3 +174,32 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     assert main(args) == 2
     assert "d.jsonl:2: missing field 'prompt'" in capsys.readouterr().err
     assert not (tmp_path / "checkpoint-000003").exists()
+
+
+def test_schedule_order_and_view_references_are_seeded():
+    from unisd_fast.train import Schedule
+
+    cfg = TrainConfig(batch_size=3, grad_accum=2, seed=7)
+    a, b = Schedule(10, cfg), Schedule(10, cfg)
+    first_epoch = [a.index(p) for p in range(10)]
+    assert sorted(first_epoch) == list(range(10))
+    assert [a.index(p) for p in range(10, 20)] != first_epoch
+    assert a.positions(1, 1) == [9, 10, 11]
+    for pos in range(40):
+        own = a.index(pos)
+        refs = a.references(pos, own, 3)
+        assert len(set(refs)) == 3 and own not in refs and all(0 <= r < 10 for r in refs)
+        assert refs == b.references(pos, own, 3)
+    with pytest.raises(ValueError, match="3 views need more than 3 training examples"):
+        Schedule(3, cfg).references(0, 0, 3)
+
+
+@pytest.mark.slow
+def test_self_distillation_reduces_the_divergence(tmp_path):
+    changes = dict(lr=3e-3, tiny_hidden_size=64, batch_size=4, max_new_tokens=8)
+    cfg = TrainConfig(
+        method="sd", lora_r=0, max_steps=30, output_dir=str(tmp_path), **{**FAST, **changes}
+    )
+    run(cfg)
+    kd = [r["kd"] for r in records(tmp_path, "train")]
+    assert sum(kd[-5:]) < 0.5 * sum(kd[:5])
