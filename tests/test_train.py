@@ -19,7 +19,6 @@ FAST = dict(
     save_final_model=False,
     progress=False,
     lr=1e-3,
-    loss_impl="reference",
 )
 
 
