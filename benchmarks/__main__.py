@@ -23,7 +23,7 @@ def _names(text: str) -> list[str]:
 
 
 DEFAULTS = {
-    "cpu": {"vocab": "4096,16384,32000", "tokens": "256,512,1024", "dtype": "fp32", "reps": 3,
+    "cpu": {"vocab": "8192,32000", "tokens": "256,1024", "dtype": "fp32", "reps": 3,
             "warmup": 1},
     "cuda": {"vocab": "32000,128256,151936", "tokens": "1024,4096,16384", "dtype": "bf16",
              "reps": 10, "warmup": 2},
@@ -58,7 +58,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="untimed first runs (cpu 1, cuda 2)")
     ap.add_argument("--grid", choices=("star", "cross"), default="star",
                     help="star: vocab sweep at the anchor tokens + tokens sweep at the anchor "
-                         "vocab + the smallest corner; cross: every combination")
+                         "vocab; cross: every combination")
     ap.add_argument("--anchor-vocab", type=int, default=None, help="default: largest --vocab")
     ap.add_argument("--anchor-tokens", type=int, default=None,
                     help="default: largest --tokens")
@@ -69,8 +69,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--in-process", action="store_true",
                     help="CPU: run every provider in this process (faster; memory figures "
                          "then share one process)")
-    ap.add_argument("--interpret-max", type=int, default=2**20,
-                    help="CPU: largest tokens x vocab for Triton-interpreted providers")
+    ap.add_argument("--interpret-max", type=int, default=2**16,
+                    help="CPU: largest tokens x vocab for the Triton-interpreted providers "
+                         "(unisd-triton, liger), which run with --reps 1 --warmup 0 there")
+    ap.add_argument("--interpret-case", type=_ints, default=[64, 1024], metavar="TOKENS,VOCAB",
+                    help="CPU: the tiny shape added for the interpreted providers "
+                         "(default 64,1024)")
     ap.add_argument("--compile-static", action="store_true",
                     help="torch.compile with static shapes (recompiles per shape)")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -139,9 +143,15 @@ def main(argv=None) -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     os.makedirs(opts.out, exist_ok=True)
+    from .providers import INTERPRETED
+
+    extra = []
+    if opts.device == "cpu" and set(opts.providers) & set(INTERPRETED) and opts.interpret_case:
+        extra.append(tuple(opts.interpret_case))
     cases = build_cases(opts.presets, opts.vocab, opts.tokens, batch=opts.batch,
                         dtype=opts.dtype, hidden=opts.hidden, views=opts.views, grid=opts.grid,
-                        anchor_vocab=opts.anchor_vocab, anchor_tokens=opts.anchor_tokens)
+                        anchor_vocab=opts.anchor_vocab, anchor_tokens=opts.anchor_tokens,
+                        extra=extra)
     env = environment(torch.device(opts.device))
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in
                                                  (sys.argv[1:] if argv is None else argv))

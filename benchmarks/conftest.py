@@ -31,7 +31,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-dtype", default=None, help="fp32, bf16 or fp16")
     g.addoption("--bench-modes", default="fwd,bwd,fwd_bwd", help="comma list of modes")
     g.addoption("--bench-rounds", type=int, default=5, help="timed rounds per benchmark")
-    g.addoption("--bench-interpret-max", type=int, default=2**18,
+    g.addoption("--bench-interpret-max", type=int, default=2**16,
                 help="CPU: largest tokens x vocab for Triton-interpreted providers")
 
 

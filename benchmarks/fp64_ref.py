@@ -57,6 +57,6 @@ def reference_result(inputs: dict, cfg, where: torch.device) -> dict:
     out = unisd_fast.unisd_loss(**x, config=cfg, impl="reference")
     out.loss.backward()
     grad = x["student_logits"].grad.to("cpu")
-    loss = float(out.loss)
+    loss = float(out.loss.detach())
     del x, out
     return {"loss": loss, "grad": grad}

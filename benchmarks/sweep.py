@@ -1,9 +1,10 @@
 """The sweep: cases x providers, run in worker processes (CPU) or in-process (GPU), to rows.
 
 Cases form a "star" around an anchor shape by default: every vocab size at the anchor token
-count, every token count at the anchor vocab size, plus the smallest corner (so that the
-interpreted providers, which only run on tiny shapes on CPU, appear in the table). ``cross``
-runs the full product. Anchor cases run first, so a time budget cuts the least important.
+count and every token count at the anchor vocab size; ``cross`` runs the full product.
+``extra`` shapes are added as given (on CPU, a tiny one where the Triton-interpreted
+providers can run beside the others). Anchor cases run first, so a time budget cuts the
+least important.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_cases(presets, vocabs, tokens, *, batch=4, dtype="fp32", hidden=256, views=3,
-                grid="star", anchor_vocab=None, anchor_tokens=None) -> list[Case]:
+                grid="star", anchor_vocab=None, anchor_tokens=None, extra=()) -> list[Case]:
     """The sweep's cases in run order (anchors first, then by size)."""
-    for t in tokens:
+    for t in list(tokens) + [t for t, _ in extra]:
         if t % batch:
             raise ValueError(f"token count {t} is not a multiple of --batch {batch}")
     av = anchor_vocab or max(vocabs)
@@ -38,7 +39,7 @@ def build_cases(presets, vocabs, tokens, *, batch=4, dtype="fp32", hidden=256, v
         shapes = {(t, v) for t in tokens for v in vocabs}
     else:
         shapes = {(at, v) for v in vocabs} | {(t, av) for t in tokens}
-        shapes.add((min(tokens), min(vocabs)))
+    shapes |= set(extra)
     order = sorted(shapes, key=lambda s: (s != (at, av), s[0] * s[1], s))
     cases = []
     for rank, (t, v) in enumerate(order):
