@@ -86,7 +86,7 @@ def test_ema_teacher_moves_under_lora_and_matches_closed_form(tokenizer):
     start = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = lora_student(base)
     target = {k: v.detach().clone() for k, v in effective_weights(student).items()}
-    ema = EMATeacher(teacher, beta=0.98, every=1)
+    ema = EMATeacher(teacher, beta=0.98, every=1, bucket_bytes=4096)
     for step in range(1, 6):
         ema.maybe_update(student, step)
     moved = teacher.model.layers[0].self_attn.q_proj.weight
@@ -125,3 +125,44 @@ def test_scorer_disables_adapter_and_restores_mode(tokenizer):
     assert student.training
     with torch.no_grad():
         assert not torch.allclose(student(ids).logits, plain(ids).logits)
+
+
+def perturbed_bf16_pair(tokenizer):
+    teacher = build_tiny_model(tokenizer, seed=9).to(torch.bfloat16)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(1.01)
+    return teacher, student
+
+
+def test_bf16_ema_uses_fp32_master_so_small_updates_accumulate(tokenizer):
+    teacher, student = perturbed_bf16_pair(tokenizer)
+    start = {k: v.float().clone() for k, v in teacher.state_dict().items()}
+    stalled = EMATeacher(copy.deepcopy(teacher), beta=0.98, every=1, fp32_master=False)
+    ema = EMATeacher(teacher, beta=0.98, every=1)
+    assert ema.master is not None
+    for _ in range(100):
+        ema.update(student)
+        stalled.update(student)
+    w = 1 - 0.98**100
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(stalled.model.state_dict()[name].float(), start[name])
+    for key, value in teacher.state_dict().items():
+        expect = (1 - w) * start[key] + w * student.state_dict()[key].float()
+        torch.testing.assert_close(value, expect.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+    assert not torch.equal(teacher.state_dict()[name].float(), start[name])
+
+
+def test_ema_state_roundtrip_keeps_the_master(tokenizer):
+    teacher, student = perturbed_bf16_pair(tokenizer)
+    ema = EMATeacher(teacher, beta=0.9, every=1)
+    ema.update(student)
+    state = copy.deepcopy(ema.state_dict())
+    restored = EMATeacher(build_tiny_model(tokenizer, seed=10).to(torch.bfloat16), 0.9, 1)
+    restored.load_state_dict(state)
+    ema.update(student)
+    restored.update(student)
+    assert restored.num_updates == 2
+    for key, value in ema.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[key], value)

@@ -88,12 +88,13 @@ def _lora_layer_type():
     return LoraLayer
 
 
-def effective_weights(student: nn.Module) -> dict[str, torch.Tensor]:
-    """The student's weights under the names of the plain model: under LoRA, each adapted
-    layer's ``W0 + (alpha / r) B A`` (computed now), else the parameters themselves."""
+def iter_effective_weights(student: nn.Module):
+    """(name, tensor) for each of the student's weights under the names of the plain model:
+    under LoRA, each adapted layer's ``W0 + (alpha / r) B A`` (computed when reached, so only
+    one merged weight exists at a time), else the parameters themselves."""
     lm = _causal_lm(student)
     lora_type = _lora_layer_type()
-    weights, lora_prefixes = {}, []
+    lora_prefixes = []
     for name, module in lm.named_modules():
         if any(name.startswith(p) for p in lora_prefixes):
             continue
@@ -106,31 +107,53 @@ def effective_weights(student: nn.Module) -> dict[str, torch.Tensor]:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         weight = weight + module.get_delta_weight(adapter)
-            weights[prefix + "weight"] = weight
+            yield prefix + "weight", weight
             if base.bias is not None:
-                weights[prefix + "bias"] = base.bias
+                yield prefix + "bias", base.bias
             continue
         for pname, param in module.named_parameters(recurse=False):
-            weights[prefix + pname] = param
-    return weights
+            yield prefix + pname, param
+
+
+def effective_weights(student: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(iter_effective_weights(student))
 
 
 class EMATeacher:
     """A separate frozen copy whose weights follow the student every ``every`` optimizer
-    steps: ``theta_T <- beta theta_T + (1 - beta) theta_S`` (one fused ``_foreach_lerp_``).
+    steps: ``theta_T <- beta theta_T + (1 - beta) theta_S`` (fused ``_foreach_lerp_`` over
+    buckets of about ``bucket_bytes``).
 
     ``teacher`` must be a plain copy of the student's base model (same parameter names);
     under LoRA ``theta_S`` is the student's effective weights, so the teacher really moves.
+    With 16-bit teacher weights the average runs on a float32 master copy (``fp32_master``,
+    default: on for 16-bit weights): in bfloat16 an update ``(1 - beta) (theta_S - theta_T)``
+    smaller than the weight's rounding step would be lost and the teacher would stall.
     """
 
-    def __init__(self, teacher: nn.Module, beta: float, every: int):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        beta: float,
+        every: int,
+        fp32_master: bool | None = None,
+        bucket_bytes: int = 2**28,
+    ):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"ema_beta must lie in [0, 1), got {beta}")
         if every < 1:
             raise ValueError(f"ema_every must be >= 1, got {every}")
         self.model = teacher.eval().requires_grad_(False)
-        self.beta, self.every = beta, every
+        self.beta, self.every, self.bucket_bytes = beta, every, bucket_bytes
         self.num_updates = 0
+        self.params = dict(self.model.named_parameters(remove_duplicate=False))
+        if fp32_master is None:
+            fp32_master = any(
+                p.dtype in (torch.float16, torch.bfloat16) for p in self.params.values()
+            )
+        self.master = None
+        if fp32_master:
+            self.master = {id(p): p.detach().float().clone() for p in self.params.values()}
 
     def maybe_update(self, student: nn.Module, step: int) -> bool:
         """Update after optimizer step ``step`` (1-based) when it is a multiple of ``every``."""
@@ -141,22 +164,56 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        source = effective_weights(student)
-        targets, sources, seen = [], [], set()
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            if id(param) in seen:
+        done, bucket, size = set(), [], 0
+        for name, weight in iter_effective_weights(student):
+            if name not in self.params:
+                raise KeyError(f"student weight {name!r} has no counterpart in the EMA teacher")
+            param = self.params[name]
+            if id(param) in done:
                 continue
-            seen.add(id(param))
-            if name not in source:
-                raise KeyError(f"EMA teacher parameter {name!r} has no counterpart in the student")
-            targets.append(param.data)
-            sources.append(source[name].detach().to(param.dtype))
-        torch._foreach_lerp_(targets, sources, 1.0 - self.beta)
+            done.add(id(param))
+            bucket.append((param, weight.detach()))
+            size += weight.numel() * weight.element_size()
+            if size >= self.bucket_bytes:
+                self._lerp(bucket)
+                bucket, size = [], 0
+        self._lerp(bucket)
+        missing = [n for n, p in self.params.items() if id(p) not in done]
+        if missing:
+            raise KeyError(
+                f"EMA teacher parameters {missing[:3]} have no counterpart in the student"
+            )
         self.num_updates += 1
 
+    def _lerp(self, bucket) -> None:
+        if not bucket:
+            return
+        weight = 1.0 - self.beta
+        params = [p.data for p, _ in bucket]
+        if self.master is None:
+            torch._foreach_lerp_(params, [s.to(p.dtype) for p, s in bucket], weight)
+            return
+        master = [self.master[id(p)] for p, _ in bucket]
+        torch._foreach_lerp_(master, [s.float() for _, s in bucket], weight)
+        torch._foreach_copy_(params, master)
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+        state = {"model": self.model.state_dict(), "num_updates": self.num_updates}
+        if self.master is not None:
+            state["master"] = [self.master[id(p)] for p in self._unique()]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.num_updates = state["num_updates"]
+        if self.master is not None:
+            for p, value in zip(self._unique(), state["master"], strict=True):
+                self.master[id(p)].copy_(value)
+
+    def _unique(self) -> list:
+        seen, unique = set(), []
+        for p in self.params.values():
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        return unique
