@@ -18,6 +18,7 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
+COMPILE_MIN_ELEMENTS = 1 << 18
 
 
 def _log_m(lp_s, lp_t, alpha: float):
@@ -87,9 +88,10 @@ _COMPILED = {fn: _compiled(fn) for fn in (_stats_block, _label_block, _grad_bloc
 
 
 def _run(fn, *args):
-    """fn on 2-D row blocks, compiled with a dynamic row count where possible."""
+    """fn on 2-D row blocks, compiled with a dynamic row count where possible. Blocks under
+    COMPILE_MIN_ELEMENTS run eagerly: there the compile time outweighs what it saves."""
     compiled = _COMPILED[fn]
-    if compiled is None:
+    if compiled is None or args[0].numel() < COMPILE_MIN_ELEMENTS:
         return fn(*args)
     for a in args:
         if isinstance(a, torch.Tensor) and a.dim() > 0:

@@ -12,7 +12,7 @@ def _tensor(name, x, dtypes, kind):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
-        raise TypeError(f"{name} must be a {kind} tensor ({', '.join(map(str, dtypes))}), "
+        raise TypeError(f"{name} must be {kind} tensor ({', '.join(map(str, dtypes))}), "
                         f"got {x.dtype}")
 
 
@@ -28,7 +28,7 @@ def _device(name, x, device):
 
 
 def _float_input(name, x, expected, what, device):
-    _tensor(name, x, FLOAT_DTYPES, "floating-point")
+    _tensor(name, x, FLOAT_DTYPES, "a floating-point")
     _shape(name, x, expected, what)
     _device(name, x, device)
 
@@ -42,7 +42,7 @@ def _one_of(first, second, first_x, second_x, needed_for):
 
 def _views(view_logits, B, T, V, device):
     if isinstance(view_logits, torch.Tensor):
-        _tensor("view_logits", view_logits, FLOAT_DTYPES, "floating-point")
+        _tensor("view_logits", view_logits, FLOAT_DTYPES, "a floating-point")
         if view_logits.dim() != 4:
             raise ValueError(f"view_logits must have shape (K, B, T, V) = (K, {B}, {T}, {V}),"
                              f" got {tuple(view_logits.shape)}")
@@ -61,14 +61,14 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
                     num_items_in_batch):
     """Check every input against the config; returns the views as a list (or None)."""
-    _tensor("student_logits", student_logits, FLOAT_DTYPES, "floating-point")
+    _tensor("student_logits", student_logits, FLOAT_DTYPES, "a floating-point")
     if student_logits.dim() != 3 or min(student_logits.shape) == 0:
         raise ValueError("student_logits must have shape (B, T, V) with no empty dimension, "
                          f"got {tuple(student_logits.shape)}")
     B, T, V = student_logits.shape
     device = student_logits.device
     _float_input("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)", device)
-    _tensor("labels", labels, INT_DTYPES, "integer")
+    _tensor("labels", labels, INT_DTYPES, "an integer")
     _shape("labels", labels, (B, T), "(B, T)")
     _device("labels", labels, device)
     bad = (labels != cfg.ignore_index) & ((labels < 0) | (labels >= V))
@@ -84,7 +84,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
             views = _views(view_logits, B, T, V, device)
             K = len(views)
         else:
-            _tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "floating-point")
+            _tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
             if view_logprobs.dim() != 3:
                 raise ValueError(f"view_logprobs must have shape (K, B, T) = (K, {B}, {T}), "
                                  f"got {tuple(view_logprobs.shape)}")
@@ -106,7 +106,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("feature_weight > 0 needs student_hidden and teacher_hidden "
                              "(B, T, H)")
-        _tensor("student_hidden", student_hidden, FLOAT_DTYPES, "floating-point")
+        _tensor("student_hidden", student_hidden, FLOAT_DTYPES, "a floating-point")
         if student_hidden.dim() != 3 or student_hidden.shape[-1] == 0:
             raise ValueError(f"student_hidden must have shape (B, T, H) = ({B}, {T}, H), "
                              f"got {tuple(student_hidden.shape)}")

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .common import DIVERGENCE_CODE, FKL, RKL, launch_geometry, row_offset, strides_bt
+from .common import (
+    DIVERGENCE_CODE,
+    FKL,
+    RKL,
+    launch_geometry,
+    row_offset,
+    strides_bt,
+    to_bf16_rne,
+)
 
 
 # dz_v = ( CK * g_div_v + CC * (1[v == y] - p_S,v) ) / tau, with per-row constants CK (kd
@@ -22,7 +31,7 @@ def _grad_kernel(
     lse_s_ptr, lse_t_ptr, d_ptr, aux_ptr, ck_ptr, cc_ptr,
     T, V, z_sb, z_st, u_sb, u_st, y_sb, y_st, g_sb, g_st,
     inv_tau, alpha,
-    DIV: tl.constexpr, BLOCK: tl.constexpr,
+    DIV: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     ck = tl.load(ck_ptr + row)
@@ -61,17 +70,20 @@ def _grad_kernel(
                 g_div = (1.0 - alpha) * p_s * (lp_s - log_m - aux)
             onehot = tl.where(cols == y, 1.0, 0.0)
             g = (ck * g_div + cc * (onehot - p_s)) * inv_tau
+            if BF16_OUT:
+                g = to_bf16_rne(g)
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 def write_grad(z, u, labels, out, stats, ck, cc, *, divergence: str, tau: float, alpha: float):
     """Write d loss / d z into ``out`` (may be ``z`` itself) from row stats and coefficients."""
     B, T, V = z.shape
-    lse_s, lse_t, d, aux = stats
+    lse_s, lse_t, d, aux = (t.contiguous() for t in stats)
     block, warps = launch_geometry(V)
     _grad_kernel[(B * T,)](
-        z, u, labels, out, lse_s, lse_t, d, aux, ck, cc,
+        z, u, labels, out, lse_s, lse_t, d, aux, ck.contiguous(), cc.contiguous(),
         T, V, *strides_bt(z), *strides_bt(u), *strides_bt(labels), *strides_bt(out),
         1.0 / tau, alpha,
-        DIV=DIVERGENCE_CODE[divergence], BLOCK=block, num_warps=warps,
+        DIV=DIVERGENCE_CODE[divergence], BF16_OUT=out.dtype == torch.bfloat16, BLOCK=block,
+        num_warps=warps,
     )
