@@ -6,8 +6,9 @@ import triton
 import triton.language as tl
 
 MAX_BLOCK = 4096
-FKL, RKL, JSD = 0, 1, 2
-DIVERGENCE_CODE = {"fkl": FKL, "rkl": RKL, "jsd": JSD}
+DIVERGENCE_CODE = {"fkl": 0, "rkl": 1, "jsd": 2}
+FKL = tl.constexpr(DIVERGENCE_CODE["fkl"])
+RKL = tl.constexpr(DIVERGENCE_CODE["rkl"])
 
 
 # Row r of a (B, T, ...) tensor with strides (sb, st) starts at (r // T) * sb + (r % T) * st.
