@@ -56,7 +56,9 @@ class UniSDConfig:
     agreement: "none", "token" or "sequence" weighting from K >= 2 teacher views, scored at
         ``view_temperature``; ``agreement_stat`` "var" or "range"; token weights are
         max(1 / (1 + gamma * min(d / s, cap)), floor) with s the ``agreement_quantile``
-        of the batch's disagreements.
+        of the batch's disagreements. A "sequence" weight is constant over a sequence, so
+        with normalize="sequence" it cancels in that sequence's weighted mean (unless the
+        weight sum falls below 1): it is offered as defined, like the paper's code.
     contrastive_weight / contrastive_margin: token hinge against a negative teacher.
     feature_weight: MSE between student and teacher last hidden states.
     kd_weight: weight of the divergence term (0 gives representation matching only).
