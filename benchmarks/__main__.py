@@ -23,7 +23,7 @@ def _names(text: str) -> list[str]:
 
 
 DEFAULTS = {
-    "cpu": {"vocab": "8192,32000", "tokens": "256,1024", "dtype": "fp32", "reps": 3,
+    "cpu": {"vocab": "8192,32000", "tokens": "256,1024", "dtype": "fp32", "reps": 5,
             "warmup": 1},
     "cuda": {"vocab": "32000,128256,151936", "tokens": "1024,4096,16384", "dtype": "bf16",
              "reps": 10, "warmup": 2},
@@ -54,7 +54,7 @@ def parse(argv=None) -> argparse.Namespace:
                     help="logits dtype (default cpu fp32, cuda bf16)")
     ap.add_argument("--modes", type=_names, default=["fwd", "bwd", "fwd_bwd"],
                     help="comma list of fwd,bwd,fwd_bwd")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (cpu 3, cuda 10)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (cpu 5, cuda 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first runs (cpu 1, cuda 2)")
     ap.add_argument("--grid", choices=("star", "cross"), default="star",
                     help="star: vocab sweep at the anchor tokens + tokens sweep at the anchor "

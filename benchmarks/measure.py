@@ -223,14 +223,16 @@ def measure(fn, inputs: dict, modes, reps: int, warmup: int, device: torch.devic
     return out, r["loss"].detach(), grads
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> float:
-    """max |a - b| in float64, row block by row block (a and b may sit on different devices)."""
-    a2 = a.reshape(-1, a.shape[-1])
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, computed on a's device in row blocks of <= 2**25 elements
+    (b, the float64 reference, may sit on the host)."""
+    a2 = a.detach().reshape(-1, a.shape[-1])
     b2 = b.reshape(-1, b.shape[-1])
+    rows = max(1, 2**25 // a2.shape[1])
     worst = 0.0
     for r in range(0, a2.shape[0], rows):
-        blk = a2[r:r + rows].to("cpu", torch.float64) - b2[r:r + rows].to("cpu", torch.float64)
-        worst = max(worst, float(blk.abs().max()))
+        ref = b2[r:r + rows].to(a2.device, torch.float64)
+        worst = max(worst, float((a2[r:r + rows].double() - ref).abs().max()))
     return worst
 
 
