@@ -101,6 +101,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, changes):
 def test_checkpoints_are_pruned_and_cli_resumes(tmp_path, capsys):
     out = str(tmp_path)
     args = [
+        "--data",
+        "builtin:arithmetic",
         "--method",
         "sd",
         "--max-new-tokens",

@@ -116,8 +116,35 @@ def arithmetic_task(seed: int) -> Task:
     return Task(name="arithmetic", train=examples[:64], eval=examples[64:])
 
 
-BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {"arithmetic": arithmetic_task}
-DEFAULT_BUILTIN = "arithmetic"
+def facts_task(seed: int) -> Task:
+    """The default run's task: see :mod:`unisd_fast.facts`."""
+    from .facts import facts_task as build
+
+    return build(seed)
+
+
+BUILTIN_TASKS: dict[str, Callable[[int], Task]] = {
+    "arithmetic": arithmetic_task,
+    "facts": facts_task,
+}
+DEFAULT_BUILTIN = "facts"
+
+
+def builtin_name(data: str) -> str | None:
+    """The builtin task ``data`` names (``builtin`` or ``builtin:NAME``), else None."""
+    if data == "builtin" or data.startswith("builtin:"):
+        return data.partition(":")[2] or DEFAULT_BUILTIN
+    return None
+
+
+def builtin_defaults(data: str, model: str) -> dict:
+    """TrainConfig values a builtin task runs best with on the tiny model (below explicit
+    flags and config files): the facts task's schedule for the default run."""
+    if model != "tiny" or builtin_name(data) != "facts":
+        return {}
+    from .facts import TRAIN_DEFAULTS
+
+    return dict(TRAIN_DEFAULTS)
 
 
 def load_task(data: str, eval_data: str | None, eval_size: int, seed: int) -> Task:

@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .data import DataError, Example, Task, load_task
+from .data import DataError, Example, Task, builtin_name, load_task
 from .evaluate import evaluate
 from .losses import unisd_loss
 from .prompts import PromptEncoder
@@ -327,6 +327,20 @@ def load_trainable_state(student, state: dict, lora: bool) -> None:
         raise KeyError(f"checkpoint holds unknown student weights: {result.unexpected_keys[:3]}")
 
 
+def check_output_dir(cfg: TrainConfig):
+    """(checkpoint to resume from or None, stale checkpoints to delete); an error when the
+    output dir holds checkpoints and neither resume nor overwrite is set."""
+    out = Path(cfg.output_dir)
+    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
+    stale = list_checkpoints(out) if resume_from is None else []
+    if stale and not cfg.overwrite:
+        raise FileExistsError(
+            f"output_dir {str(out)!r} already holds checkpoints ({stale[-1].name}); pass --resume "
+            "to continue, --overwrite to start afresh, or another --output-dir"
+        )
+    return resume_from, stale
+
+
 def run(cfg: TrainConfig, task: Task | None = None) -> dict:
     """Train as ``cfg`` says and return a summary: ``output_dir``, ``step``, ``train`` (the
     last step's metrics), ``first_eval`` and ``eval`` (first and last evaluation records),
@@ -336,13 +350,7 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = find_checkpoint(cfg.resume, out) if cfg.resume else None
-    stale = list_checkpoints(out) if resume_from is None else []
-    if stale and not cfg.overwrite:
-        raise FileExistsError(
-            f"output_dir {str(out)!r} already holds checkpoints ({stale[-1].name}); pass --resume "
-            "to continue, --overwrite to start afresh, or another --output-dir"
-        )
+    resume_from, stale = check_output_dir(cfg)
     for path in stale:
         shutil.rmtree(path)
     log.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=2))
@@ -498,7 +506,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = parse_args(argv)
-        summary = run(cfg)
+        if cfg.compare or builtin_name(cfg.data) == "facts":
+            from .compare import run_reported
+
+            summary = run_reported(cfg)
+        else:
+            summary = run(cfg)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"unisd-train: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .checkpoint import find_checkpoint, read_checkpoint_config
 from .config import AGREEMENTS, DIVERGENCES, NORMALIZATIONS, PRESETS, UniSDConfig
+from .data import builtin_defaults
 
 METHODS = ("sft", "ema", *PRESETS)
 EMA_DEFAULTS = {"ema": (0.9, 10), "unisd_star": (0.98, 10)}
@@ -133,6 +134,11 @@ class TrainConfig:
         False, "start afresh in an --output-dir that holds checkpoints (deletes them)"
     )
     progress: bool = _f(True, "show a tqdm progress bar")
+    compare: str | None = _f(
+        None,
+        "comma-separated methods (e.g. sft,sd,unisd_star) trained one after another from the "
+        "same base, each in <output-dir>/<method>; prints a table and plots compare.png",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -185,6 +191,9 @@ class TrainConfig:
             raise ConfigError(f"ema_beta must lie in [0, 1), got {self.ema_beta}")
         if self.ema_every is not None and self.ema_every < 1:
             raise ConfigError(f"ema_every must be >= 1, got {self.ema_every}")
+        for name in (self.compare or "").split(","):
+            if self.compare is not None and name.strip() not in METHODS:
+                raise ConfigError(f"compare: {name.strip()!r} is not a method of {METHODS}")
         if self.method != "sft":
             try:
                 self.loss_config()
@@ -298,13 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """TrainConfig from the command line: defaults < the resumed checkpoint's config <
+    """TrainConfig from the command line: defaults < the builtin task's defaults (facts on the
+    tiny model, :func:`unisd_fast.data.builtin_defaults`) < the resumed checkpoint's config <
     ``--config`` file < explicit flags."""
     args = vars(build_parser().parse_args(argv))
     values = load_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
+    task = values.get("data", TrainConfig.data), values.get("model", TrainConfig.model)
+    defaults = builtin_defaults(*task)
     if values.get("resume"):
-        output_dir = values.get("output_dir", TrainConfig.output_dir)
+        output_dir = values.get("output_dir", defaults.get("output_dir", TrainConfig.output_dir))
         saved = read_checkpoint_config(find_checkpoint(values["resume"], output_dir))
         values = {**saved, **values}
-    return TrainConfig(**values)
+    return TrainConfig(**{**defaults, **values})
