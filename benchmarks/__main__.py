@@ -36,7 +36,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda when available, else cpu")
     ap.add_argument("--providers", type=_names, default=None,
-                    help="comma list of eager,compile,unisd,unisd-torch,unisd-triton,liger "
+                    help="comma list of eager,compile,compile-dynamic,unisd,unisd-torch,"
+                         "unisd-triton,liger "
                          "(default: cpu eager,compile,unisd,unisd-triton,liger; "
                          "cuda eager,compile,unisd,unisd-torch,liger)")
     ap.add_argument("--presets", type=_names, default=["sd", "unisd_star"],
@@ -75,8 +76,6 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--interpret-case", type=_ints, default=[64, 1024], metavar="TOKENS,VOCAB",
                     help="CPU: the tiny shape added for the interpreted providers "
                          "(default 64,1024)")
-    ap.add_argument("--compile-static", action="store_true",
-                    help="torch.compile with static shapes (recompiles per shape)")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds; cases not started by then are reported as skipped")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

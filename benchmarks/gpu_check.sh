@@ -4,19 +4,21 @@
 #   bash benchmarks/gpu_check.sh            # results under $OUT (or ./gpu_out when unset)
 #
 # 1. the test suite on the compiled Triton path (no TRITON_INTERPRET): pytest -m "gpu or not slow"
-# 2. the GPU sweep: bf16, V in 32000,128256,151936, tokens 1024,4096,8192,16384 (8192 at
-#    V=151936 is the forward+backward comparison asked for by issue 3), presets unisd_star and
-#    sd, providers eager, compile, unisd (Triton), unisd-torch and liger (when its wheel is
-#    carried); cases that do not fit are reported as oom, cases left when the time budget
-#    runs out as skipped
-# 3. the pytest-benchmark suite at one shape, writing its JSON
-# 4. the markdown table, printed last
+# 2. issue 3's comparison: V=151936, 8192 tokens, bf16, presets unisd_star and sd, every
+#    provider, torch.compile with static shapes (the strongest baseline), all modes
+# 3. the GPU sweep: bf16, V in 32000,128256,151936, tokens 1024,4096,8192,16384, presets
+#    unisd_star and sd, providers eager, compile-dynamic (one compilation for every shape,
+#    to fit the time), unisd (Triton), unisd-torch and liger (when its wheel is carried);
+#    cases that do not fit are reported as oom, those left when the time budget runs out
+#    as skipped
+# 4. the pytest-benchmark suite at one shape, writing its JSON
+# 5. the forward+backward tables, issue 3's printed last
 #
 # The machine has no network. It needs python3 with torch, triton, pytest, pytest-benchmark,
 # matplotlib and tqdm (the lent image has them). The package runs from this tree through
-# PYTHONPATH. Liger-Kernel is optional: put its wheel in .whl/ beside this repo root (see
-# benchmarks/README.md) and carry .whl. At most 8 files come back from $OUT, so everything
-# but the logs, the CSV and the table is packed into gpu_results.tar.gz.
+# PYTHONPATH. Liger-Kernel is optional: put its wheel in .whl/ at the repo root (see
+# benchmarks/README.md) and carry .whl. At most 8 files come back from $OUT, so all but the
+# logs, CSVs and tables is packed into gpu_results.tar.gz (plots, JSON, machine.md).
 # DRY_RUN=1 runs the same plumbing on CPU with tiny shapes (to check the script itself).
 set -u
 cd "$(dirname "$0")/.."
@@ -24,24 +26,30 @@ ROOT=$(pwd)
 OUT=${OUT:-$ROOT/gpu_out}
 WORK=$(mktemp -d /tmp/unisd-gpu.XXXXXX)
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-170}      # seconds for the test suite
-T_SWEEP=${T_SWEEP:-200}      # sweep time budget (cases not started by then are skipped)
-T_SWEEP_KILL=${T_SWEEP_KILL:-300}
-T_PYBENCH=${T_PYBENCH:-60}
+T_TESTS=${T_TESTS:-150}      # seconds for the test suite
+T_HEAD=${T_HEAD:-120}        # seconds for issue 3's comparison
+T_SWEEP=${T_SWEEP:-140}      # sweep time budget (cases not started by then are skipped)
+T_SWEEP_KILL=${T_SWEEP_KILL:-200}
+T_PYBENCH=${T_PYBENCH:-40}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 unset TRITON_INTERPRET
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 step() { echo; echo "=== $* ($(date +%T))"; }
+
 DEVICE=cuda
+HEAD=(--dtype bf16 --vocab 151936 --tokens 8192 --reps 10 --warmup 2)
+HEAD_PROVIDERS=eager,compile,unisd,unisd-torch,liger
 SHAPES=(--dtype bf16 --vocab 32000,128256,151936 --tokens 1024,4096,8192,16384
         --anchor-vocab 151936 --anchor-tokens 8192 --reps 10 --warmup 2)
-PROVIDERS=eager,compile,unisd,unisd-torch,liger
+PROVIDERS=eager,compile-dynamic,unisd,unisd-torch,liger
 TESTS=(tests -m "gpu or not slow")
 PYBENCH=(--bench-vocab 151936 --bench-tokens 4096)
 if [ "${DRY_RUN:-0}" = 1 ]; then
   DEVICE=cpu
   export TRITON_INTERPRET=1
+  HEAD=(--dtype fp32 --vocab 512 --tokens 64 --reps 1 --warmup 0)
+  HEAD_PROVIDERS=eager,unisd,liger
   SHAPES=(--dtype fp32 --vocab 256,512 --tokens 32,64 --reps 1 --warmup 0)
   PROVIDERS=eager,unisd,liger
   TESTS=(tests/test_benchmarks_smoke.py -k eager_baseline)
@@ -51,10 +59,10 @@ fi
 step environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/liger_kernel-*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    .whl/liger_kernel-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-"$PY" - "$DEVICE" <<'EOF' || { echo "python3 with torch+CUDA is required"; exit 1; }
+"$PY" - "$DEVICE" <<'PYEOF' || { echo "python3 with torch (and CUDA) is required"; exit 1; }
 import importlib.util, sys, torch, triton
 if sys.argv[1] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device"
@@ -62,40 +70,45 @@ if sys.argv[1] == "cuda":
 print("torch", torch.__version__, "triton", triton.__version__)
 for m in ("pytest", "pytest_benchmark", "matplotlib", "tqdm", "liger_kernel"):
     print(f"{m}: {'yes' if importlib.util.find_spec(m) else 'MISSING'}")
-EOF
+PYEOF
 
 step "tests on the compiled Triton path (timeout ${T_TESTS}s)"
 timeout "$T_TESTS" "$PY" -m pytest "${TESTS[@]}" -q --maxfail=10 -p no:cacheprovider \
   > "$OUT/pytest_gpu.log" 2>&1
-echo "pytest exit code $? (124 = timed out); tail of $OUT/pytest_gpu.log:"
+echo "pytest exit code $? (124 = timed out); end of pytest_gpu.log:"
 tail -n 15 "$OUT/pytest_gpu.log"
+
+step "issue 3: V=151936, 8192 tokens, static torch.compile (timeout ${T_HEAD}s)"
+timeout "$T_HEAD" "$PY" -m benchmarks --device "$DEVICE" --presets unisd_star,sd \
+  --providers "$HEAD_PROVIDERS" "${HEAD[@]}" --out "$WORK/issue3" > "$WORK/issue3.log" 2>&1
+echo "exit code $?"
 
 step "GPU sweep (budget ${T_SWEEP}s)"
 timeout "$T_SWEEP_KILL" "$PY" -m benchmarks --device "$DEVICE" --presets unisd_star,sd \
   --providers "$PROVIDERS" "${SHAPES[@]}" --time-budget "$T_SWEEP" --out "$WORK/sweep" \
   > "$WORK/sweep.log" 2>&1
-echo "sweep exit code $?"
-tail -n 5 "$WORK/sweep.log"
+echo "exit code $?"
 
 step "pytest-benchmark, one shape (timeout ${T_PYBENCH}s)"
 timeout "$T_PYBENCH" "$PY" -m pytest benchmarks -q -p no:cacheprovider "${PYBENCH[@]}" \
-  --bench-presets unisd_star --bench-modes fwd_bwd --bench-providers eager,compile,unisd \
-  --bench-rounds 5 \
-  --benchmark-json "$WORK/pytest_benchmark.json" > "$WORK/pytest_benchmark.log" 2>&1
-echo "pytest-benchmark exit code $?"
+  --bench-presets unisd_star --bench-modes fwd_bwd --bench-providers eager,unisd \
+  --bench-rounds 5 --benchmark-json "$WORK/pytest_benchmark.json" \
+  > "$WORK/pytest_benchmark.log" 2>&1
+echo "exit code $?"
 
-cp "$WORK/sweep/results.csv" "$OUT/results.csv" 2>/dev/null
 tar -czf "$OUT/gpu_results.tar.gz" -C "$WORK" . 2>/dev/null
-if [ -f "$WORK/sweep/table.md" ]; then
-  "$PY" -m benchmarks --report "$WORK/sweep/results.csv" --out "$WORK/sweep" > /dev/null 2>&1
-  cp "$WORK/sweep/table.md" "$OUT/table.md"
-  step "table (forward+backward; full table in table.md)"
-  "$PY" - "$WORK/sweep/results.csv" <<'EOF'
+for run in sweep issue3; do
+  step "$run: forward+backward (all modes in table_$run.md)"
+  if [ -f "$WORK/$run/results.csv" ]; then
+    cp "$WORK/$run/results.csv" "$OUT/results_$run.csv"
+    cp "$WORK/$run/table.md" "$OUT/table_$run.md"
+    "$PY" - "$WORK/$run/results.csv" <<'PYEOF'
 import sys
 from benchmarks.report import markdown_table, read_csv
 print(markdown_table(read_csv(sys.argv[1]), ["fwd_bwd"]))
-EOF
-else
-  echo "no table: the sweep wrote none (see sweep.log in gpu_results.tar.gz)"
-  tail -n 30 "$WORK/sweep.log"
-fi
+PYEOF
+  else
+    echo "no results (timed out or failed); end of $run.log:"
+    tail -n 30 "$WORK/$run.log"
+  fi
+done

@@ -1,7 +1,9 @@
 """The implementations compared, each a function ``inputs -> scalar loss`` for one config.
 
 eager         benchmarks/eager.py: the paper's way, full fp32 log_softmax tensors
-compile       torch.compile of eager (dynamic shapes by default, see ``compile_dynamic``)
+compile       torch.compile of eager, static shapes (recompiles per shape; the strongest)
+compile-dynamic  torch.compile of eager with dynamic shapes (one compilation for all shapes;
+              slower and, on CPU, far more memory than static: an opt-in for quick sweeps)
 unisd         unisd_fast.unisd_loss(impl="auto"): Triton on CUDA, the chunked torch path on CPU
 unisd-torch   impl="torch" (the same as unisd on CPU, so left out of CPU sweeps by default)
 unisd-triton  impl="triton": compiled on CUDA; on CPU only in Triton's interpreter
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from .eager import compiled_loss, eager_loss
 
-ALL = ("eager", "compile", "unisd", "unisd-torch", "unisd-triton", "liger")
+ALL = ("eager", "compile", "compile-dynamic", "unisd", "unisd-torch", "unisd-triton", "liger")
 CUDA_DEFAULT = ("eager", "compile", "unisd", "unisd-torch", "liger")
 CPU_DEFAULT = ("eager", "compile", "unisd", "unisd-triton", "liger")
 INTERPRETED = ("unisd-triton", "liger")  # need Triton: interpreter only on CPU
@@ -76,12 +78,12 @@ def _liger_fn(cfg):
     return fn
 
 
-def make(name: str, cfg, compile_dynamic: bool | None = True):
+def make(name: str, cfg):
     """The function ``inputs -> loss`` of provider ``name`` for config ``cfg``."""
     if name == "eager":
         return lambda inputs: eager_loss(cfg, **inputs)
-    if name == "compile":
-        compiled = compiled_loss(cfg, compile_dynamic)
+    if name in ("compile", "compile-dynamic"):
+        compiled = compiled_loss(cfg, name == "compile-dynamic")
         return lambda inputs: compiled(**inputs)
     if name in IMPL:
         import unisd_fast

@@ -1,6 +1,7 @@
 """CSV in and out, the markdown table (with ratios to eager and compile) and the PNG plots.
 
-Ratios are provider / baseline for both time and memory, so below 1 is better.
+Ratios are provider / baseline for both time and memory, so below 1 is better. The compile
+baseline is ``compile`` (static shapes), or ``compile-dynamic`` where only that one ran.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def markdown_table(rows: list[dict], modes=MODES) -> str:
         preset, b, t, v, dtype = case
         for mode in modes:
             eager = table.get((case, mode, "eager"))
-            comp = table.get((case, mode, "compile"))
+            comp = (table.get((case, mode, "compile"))
+                    or table.get((case, mode, "compile-dynamic")))
             for p in providers:
                 cell = table.get((case, mode, p))
                 if cell is None:

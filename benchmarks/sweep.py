@@ -78,7 +78,7 @@ def _records_to_rows(rec: dict, env: dict) -> list[dict]:
 def _job(opts, **extra) -> dict:
     job = {"device": opts.device, "modes": opts.modes, "reps": opts.reps,
            "warmup": opts.warmup, "interpret_max": opts.interpret_max,
-           "compile_dynamic": not opts.compile_static, "threads": opts.threads,
+           "threads": opts.threads,
            "deadline": opts.deadline}
     job.update(extra)
     return job

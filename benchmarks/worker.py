@@ -41,14 +41,12 @@ def run_unit(name: str, case: Case, inputs: dict, job: dict, ref: dict | None) -
     if why:
         rec.update(status="skipped", note=why)
         return rec
-    if name == "compile":
-        rec["note"] = "dynamic shapes" if job.get("compile_dynamic", True) else "static shapes"
     reps, warmup = job["reps"], job["warmup"]
     if name in providers.INTERPRETED and device.type != "cuda":
         reps, warmup = 1, 0
         rec["note"] = "Triton interpreter on CPU: a correctness run, its time means nothing"
     try:
-        fn = providers.make(name, cfg, job.get("compile_dynamic", True))
+        fn = providers.make(name, cfg)
         metrics, loss, grads = measure(fn, inputs, job["modes"], reps, warmup, device)
         for mode, m in metrics.items():
             m["bytes"] = byte_budget(inputs, mode)
