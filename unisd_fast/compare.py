@@ -20,11 +20,11 @@ from .train_config import TrainConfig
 
 log = logging.getLogger("unisd_fast.compare")
 
-METRICS = (
-    ("accuracy", "student accuracy, no reference", "{:.1%}"),
-    ("teacher_accuracy", "teacher accuracy, with reference", "{:.1%}"),
-    ("kl_base", "retention KL(tuned || base)", "{:.3f}"),
-    ("retention_ppl", "retention perplexity (base)", "{:.2f}"),
+METRICS = (  # record key, row label, column label, format
+    ("accuracy", "student accuracy, no reference", "student acc", "{:.1%}"),
+    ("teacher_accuracy", "teacher accuracy, with reference", "teacher acc", "{:.1%}"),
+    ("kl_base", "retention KL(tuned || base)", "KL to base", "{:.3f}"),
+    ("retention_ppl", "retention perplexity (base)", "retention ppl", "{:.2f}"),
 )
 
 
@@ -36,7 +36,7 @@ def _cell(record: dict | None, key: str, fmt: str) -> str:
 def before_after_table(summary: dict) -> str:
     """The first and last evaluation of a run, one metric per row."""
     lines = [f"{'metric':<34} {'before':>9} {'after':>9}"]
-    for key, label, fmt in METRICS:
+    for key, label, _, fmt in METRICS:
         before = _cell(summary["first_eval"], key, fmt)
         lines.append(f"{label:<34} {before:>9} {_cell(summary['eval'], key, fmt):>9}")
     return "\n".join(lines)
@@ -44,13 +44,13 @@ def before_after_table(summary: dict) -> str:
 
 def comparison_table(summaries: dict[str, dict]) -> str:
     """One row per method (after training) below a row for the shared base (before)."""
-    head = f"{'method':<12}" + "".join(f" {label.split(',')[0]:>18}" for _, label, _ in METRICS)
+    head = f"{'method':<12}" + "".join(f" {column:>13}" for _, _, column, _ in METRICS)
     lines = [head + f" {'wall s':>8}"]
     first = next(iter(summaries.values()))["first_eval"]
     rows = [("base", first, None)]
     rows += [(m, s["eval"], s["wall_time_s"]) for m, s in summaries.items()]
     for name, record, wall in rows:
-        cells = "".join(f" {_cell(record, key, fmt):>18}" for key, _, fmt in METRICS)
+        cells = "".join(f" {_cell(record, key, fmt):>13}" for key, _, _, fmt in METRICS)
         lines.append(f"{name:<12}{cells} {'-' if wall is None else f'{wall:.0f}':>8}")
     return "\n".join(lines)
 
