@@ -28,9 +28,10 @@ def masked_quantile(values, mask, q: float):
 
 
 def clip_mask(d, mask, cfg):
-    """(threshold, clipped): the clip constant (0-dim tensor or None) and the clipped tokens."""
+    """(threshold, clipped): the clip constant (a float, a 0-dim tensor or None) and the
+    clipped tokens. A static clip stays a Python float: no host-to-device copy."""
     if cfg.clip is not None:
-        c = torch.tensor(float(cfg.clip), dtype=d.dtype, device=d.device)
+        c = float(cfg.clip)
     elif cfg.clip_quantile is not None:
         c = masked_quantile(d, mask, cfg.clip_quantile)
     else:
