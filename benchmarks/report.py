@@ -137,9 +137,9 @@ def plots(rows: list[dict], out_dir: str, modes=MODES) -> list[str]:
                 drawn = False
                 panels = (("vocab", lambda c, ft=fixed_tokens: c[1] * c[2] == ft),
                           ("tokens", lambda c, fv=fixed_vocab: c[3] == fv))
-                metrics = (("time_ms", "median time (ms)"),
-                           ("mem_mb", "peak memory above inputs (MiB)"))
-                for col, (metric, label) in enumerate(metrics):
+                metrics = (("time_ms", "median time (ms)", "time"),
+                           ("mem_mb", "peak memory above inputs (MiB)", "memory"))
+                for col, (metric, label, short) in enumerate(metrics):
                     for row, (xname, keep) in enumerate(panels):
                         ax = axes[row][col]
                         for p in providers:
@@ -158,7 +158,7 @@ def plots(rows: list[dict], out_dir: str, modes=MODES) -> list[str]:
                                 drawn = True
                         fixed = (f"tokens = {fixed_tokens}" if xname == "vocab"
                                  else f"V = {fixed_vocab}")
-                        ax.set(xlabel=xname, ylabel=label, title=f"{label} vs {xname} ({fixed})")
+                        ax.set(xlabel=xname, ylabel=label, title=f"{short} vs {xname} ({fixed})")
                         ax.set_xscale("log")
                         ax.set_yscale("log")
                         ax.grid(True, which="both", alpha=0.3)
