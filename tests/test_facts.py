@@ -122,10 +122,10 @@ def test_default_run_settings_sit_below_explicit_flags():
 
 
 def test_tables():
-    first = {"accuracy": 0.03, "teacher_accuracy": 1.0, "kl_base": 0.0, "retention_ppl": 1.5}
+    first = {"accuracy": 0.03, "teacher_accuracy": 1.0, "kl_base": -1e-9, "retention_ppl": 1.5}
     last = {"accuracy": 0.95, "teacher_accuracy": 0.9, "kl_base": 0.25}
     table = compare.before_after_table({"first_eval": first, "eval": last})
-    assert "3.0%" in table and "95.0%" in table and "0.250" in table
+    assert "3.0%" in table and "95.0%" in table and "0.250" in table and "-0" not in table
     assert table.splitlines()[-1].split()[-2:] == ["1.50", "-"]
     rows = compare.comparison_table(
         {"sd": {"first_eval": first, "eval": last, "wall_time_s": 12.0}}

@@ -30,7 +30,7 @@ METRICS = (  # record key, row label, column label, format
 
 def _cell(record: dict | None, key: str, fmt: str) -> str:
     value = None if record is None else record.get(key)
-    return "-" if value is None else fmt.format(value)
+    return "-" if value is None else fmt.format(round(value, 6) + 0.0)  # no "-0.000"
 
 
 def before_after_table(summary: dict) -> str:
