@@ -68,8 +68,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-errors", dest="errors", action="store_false",
                     help="skip the float64 reference and the error metrics")
     ap.add_argument("--in-process", action="store_true",
-                    help="CPU: run every provider in this process (faster; memory figures "
-                         "then share one process)")
+                    help="CPU: run every provider in this process (faster; its memory "
+                         "figures are then only approximate)")
     ap.add_argument("--interpret-max", type=int, default=2**16,
                     help="CPU: largest tokens x vocab for the Triton-interpreted providers "
                          "(unisd-triton, liger), which run with --reps 1 --warmup 0 there")
@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     _finish_defaults(opts)
 
     from .env import environment, machine_markdown
-    from .measure import pin_malloc
+    from .measure import GLIBC_MMAP, pin_malloc
     from .report import write_csv
     from .sweep import build_cases, run_inprocess, run_isolated
 
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     if opts.device == "cpu" and not opts.in_process:
         rows = run_isolated(cases, opts.providers, opts, env)
     else:
-        pin_malloc(32 * 2**20)
+        pin_malloc(GLIBC_MMAP)
         rows = run_inprocess(cases, opts.providers, opts, env)
     csv_path = os.path.join(opts.out, "results.csv")
     write_csv(rows, csv_path)

@@ -3,20 +3,23 @@
 Each repetition runs on fresh gradients (``.grad = None``): forward, then (when a backward
 mode is asked for) backward, timed separately, so one repetition yields the forward, the
 backward and the forward+backward figures. Times are medians over repetitions: CUDA events
-on GPU, ``time.perf_counter`` on CPU (where every op is synchronous).
+on GPU, ``time.perf_counter`` on CPU (where every op is synchronous). Memory and time are
+measured in separate repetitions (``measure_memory``, ``measure_time``).
 
 Peak memory is measured above what is allocated just before the forward, that is above the
 inputs: the CUDA caching allocator's ``max_memory_allocated`` on GPU; on CPU the process's
 peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above its resident set
-before the forward, in one dedicated repetition run with glibc's mmap threshold at 64 KiB
-and the heap trimmed (``exact_rss``), so that what is freed leaves the resident set and
-what is allocated enters it. The backward's peak counts what the forward saved. CPU
-figures are meant for a process of its own (the sweep runs one per provider).
+before the forward. That only follows the tensors if freed blocks leave the resident set
+and new ones enter it: glibc reuses free heap chunks before it maps new memory, so a heap
+that ever held a large block makes later peaks wrong by whole tensors. The CPU worker
+therefore measures memory for all its cases first, with the mmap threshold pinned at
+64 KiB from the process start (no large block ever lives in the heap), and only then times
+them with glibc's usual 32 MiB threshold. The backward's peak counts what the forward saved
+and the gradient it writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import statistics
@@ -38,29 +41,24 @@ def _libc():
         return None
 
 
-def pin_malloc(threshold: int = 64 * 1024) -> None:
+SMALL_MMAP = 64 * 1024
+GLIBC_MMAP = 32 * MB  # where glibc's dynamic threshold settles once large blocks are freed
+
+
+def pin_malloc(threshold: int) -> None:
     """Fix glibc's mmap threshold (no dynamic growth): blocks >= threshold are mmapped and
-    unmapped on free, so that freed tensors leave the resident set."""
+    unmapped on free."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 2 * threshold)  # M_TRIM_THRESHOLD
 
 
-@contextlib.contextmanager
-def exact_rss(enabled: bool):
-    """Small mmap threshold and a trimmed heap inside; glibc's usual 32 MiB cap after."""
-    if not enabled:
-        yield
-        return
-    pin_malloc(64 * 1024)
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
-    try:
-        yield
-    finally:
-        pin_malloc(32 * MB)
 
 
 def _status_kb(field: str) -> int:
@@ -187,38 +185,45 @@ def _rep(fn, inputs, backward, clock, memory) -> dict:
     return out
 
 
-def measure(fn, inputs: dict, modes, reps: int, warmup: int, device: torch.device):
-    """Time and peak memory of ``fn(inputs) -> scalar loss``.
+def _backward(modes) -> bool:
+    return any(m != "fwd" for m in modes)
 
-    ``warmup`` untimed repetitions (compilation, autotuning), then one repetition that
-    measures memory (on CPU with every block >= 64 KiB mmapped and the heap trimmed, so that
-    the resident set follows the tensors), then ``reps`` timed repetitions (on CPU with
-    glibc's usual 32 MiB mmap threshold). Returns ({mode: {"time_ms": median,
-    "mem_bytes": peak above inputs}}, loss, grads) with loss and grads (detached) of the
-    last repetition.
-    """
+
+def measure_memory(fn, inputs: dict, modes, warmup: int, device: torch.device) -> dict:
+    """{mode: peak bytes above the inputs} of ``fn(inputs) -> loss`` in one repetition after
+    ``warmup`` untimed ones. On CPU run this with ``pin_malloc(SMALL_MMAP)`` in force from
+    the process start (see the module docstring)."""
     clock, memory = tools_for(device)
-    backward = any(m != "fwd" for m in modes)
+    backward = _backward(modes)
     for _ in range(warmup):
         _rep(fn, inputs, backward, clock, memory)
-    # Free the last gradients before trimming the heap: memory freed after the trim could be
-    # reused by the measured repetition without entering the resident set.
     clear_grads(inputs)
-    with exact_rss(device.type == "cpu"):
-        r = _rep(fn, inputs, backward, clock, memory)
+    trim_heap()
+    r = _rep(fn, inputs, backward, clock, memory)
+    clear_grads(inputs)
     peaks = {"fwd": max(r["fwd_peak"], 0)}
     if backward:
         peaks["bwd"] = max(r["bwd_peak"], 0)
         peaks["fwd_bwd"] = max(peaks["fwd"], peaks["bwd"])
+    return {m: peaks[m] for m in modes}
+
+
+def measure_time(fn, inputs: dict, modes, reps: int, warmup: int, device: torch.device):
+    """({mode: median ms}, loss, grads) of ``fn(inputs) -> loss`` over ``reps`` repetitions
+    after ``warmup`` untimed ones; loss and grads are those of the last repetition."""
+    clock, memory = tools_for(device)
+    backward = _backward(modes)
+    for _ in range(warmup):
+        _rep(fn, inputs, backward, clock, memory)
     times = {"fwd": [], "bwd": [], "fwd_bwd": []}
-    for _ in range(reps):
+    r = None
+    for _ in range(max(reps, 1)):
         r = _rep(fn, inputs, backward, clock, memory)
         times["fwd"].append(r["fwd_ms"])
         if backward:
             times["bwd"].append(r["bwd_ms"])
             times["fwd_bwd"].append(r["fwd_ms"] + r["bwd_ms"])
-    out = {m: {"time_ms": statistics.median(times[m]) if times[m] else math.nan,
-               "mem_bytes": peaks[m]} for m in modes}
+    out = {m: statistics.median(times[m]) for m in modes}
     grads = [t.grad for t in grad_leaves(inputs)] if backward else []
     return out, r["loss"].detach(), grads
 

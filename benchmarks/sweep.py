@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .inputs import Case, make_inputs
-from .worker import PREFIX, ref_variants, run_unit
+from .worker import PREFIX, TICK, ref_variants, run_unit
 
 METRIC_UNITS = {"time_ms": "ms", "mem_mb": "MiB", "gbps": "GB/s", "loss_abs_err": "",
                 "loss_rel_err": "", "grad_abs_err": "", "grad_rel_err": ""}
@@ -84,8 +84,9 @@ def _job(opts, **extra) -> dict:
     return job
 
 
-def _run_worker(job: dict, log_path: str, on_record) -> None:
-    """Run one worker process; call on_record for each record it prints."""
+def _run_worker(job: dict, log_path: str, on_record, on_tick=None) -> None:
+    """Run one worker process; call on_record for each record it prints (on_tick for each
+    progress tick)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
         job_path = f.name
@@ -99,7 +100,9 @@ def _run_worker(job: dict, log_path: str, on_record) -> None:
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
                                     text=True)
             for line in proc.stdout:
-                if line.startswith(PREFIX):
+                if on_tick is not None and line.strip() == TICK:
+                    on_tick()
+                elif line.startswith(PREFIX):
                     on_record(json.loads(line[len(PREFIX):]))
                     seen += 1
             rc = proc.wait()
@@ -116,7 +119,8 @@ def run_isolated(cases, names, opts, env: dict) -> list[dict]:
     """CPU: one worker process for the references, then one per provider."""
     rows = []
     ref_units = len(cases) if opts.errors else 0
-    bar = tqdm(total=ref_units + len(cases) * len(names), desc="sweep", unit="run")
+    # a provider's case counts twice: its memory run, then its timed runs
+    bar = tqdm(total=ref_units + 2 * len(cases) * len(names), desc="sweep", unit="run")
     log_path = os.path.join(opts.out, "worker.log")
     open(log_path, "w").close()
     with tempfile.TemporaryDirectory(prefix="unisd-bench-") as ref_dir:
@@ -136,7 +140,8 @@ def run_isolated(cases, names, opts, env: dict) -> list[dict]:
 
             _run_worker(_job(opts, kind="provider", provider=name,
                              cases=[c.to_dict() for c in cases],
-                             ref_dir=ref_dir if opts.errors else None), log_path, on_rec)
+                             ref_dir=ref_dir if opts.errors else None), log_path, on_rec,
+                        on_tick=lambda: bar.update(1))
     bar.close()
     return rows
 

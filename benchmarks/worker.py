@@ -2,7 +2,8 @@
 
 On CPU the sweep starts ``python -m benchmarks.worker JOB.json`` once per provider (and once
 for the float64 references), so that each provider's peak RSS is its own. The worker prints
-one JSON record per case on stdout, prefixed with ``RECORD``. On GPU the sweep calls
+``TICK`` after each case's memory run, then one JSON record per case, prefixed with
+``RECORD``. On GPU the sweep calls
 ``run_unit`` in-process instead (the CUDA allocator measures each unit on its own).
 """
 
@@ -19,9 +20,10 @@ import torch
 
 from . import fp64_ref, providers
 from .inputs import Case, byte_budget, config_for, make_inputs
-from .measure import errors, measure, pin_malloc
+from .measure import GLIBC_MMAP, SMALL_MMAP, errors, measure_memory, measure_time, pin_malloc
 
 PREFIX = "RECORD "
+TICK = "TICK"
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -30,8 +32,13 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower() or "can't allocate memory" in str(exc).lower()
 
 
-def run_unit(name: str, case: Case, inputs: dict, job: dict, ref: dict | None) -> dict:
-    """Measure provider ``name`` on ``inputs``; a record with metrics or a status note."""
+def run_unit(name: str, case: Case, inputs: dict, job: dict, ref: dict | None,
+             phase: str = "all", memory: dict | None = None) -> dict:
+    """Measure provider ``name`` on ``inputs``: a record with metrics or a status note.
+
+    phase "memory" measures peak memory only (record["memory"]); "time" times it, takes the
+    errors and merges ``memory`` (from an earlier "memory" phase); "all" does both.
+    """
     device = torch.device(job["device"])
     cfg = config_for(case.preset)
     rec = {"provider": name, "case": case.to_dict(), "status": "ok", "note": "", "metrics": {},
@@ -41,19 +48,23 @@ def run_unit(name: str, case: Case, inputs: dict, job: dict, ref: dict | None) -
     if why:
         rec.update(status="skipped", note=why)
         return rec
-    reps, warmup = job["reps"], job["warmup"]
+    modes, reps, warmup = job["modes"], job["reps"], job["warmup"]
     if name in providers.INTERPRETED and device.type != "cuda":
         reps, warmup = 1, 0
         rec["note"] = "Triton interpreter on CPU: a correctness run, its time means nothing"
     try:
         fn = providers.make(name, cfg)
-        metrics, loss, grads = measure(fn, inputs, job["modes"], reps, warmup, device)
-        for mode, m in metrics.items():
-            m["bytes"] = byte_budget(inputs, mode)
-        rec["metrics"] = metrics
-        if ref is not None:
-            rec["errors"] = errors(loss, grads[0] if grads else None, ref)
-        del loss, grads
+        if phase in ("memory", "all"):
+            memory = measure_memory(fn, inputs, modes, warmup, device)
+            rec["memory"] = memory
+        if phase in ("time", "all"):
+            times, loss, grads = measure_time(fn, inputs, modes, reps,
+                                              warmup if phase == "time" else 0, device)
+            rec["metrics"] = {m: {"time_ms": times[m], "mem_bytes": memory[m],
+                                  "bytes": byte_budget(inputs, m)} for m in modes}
+            if ref is not None:
+                rec["errors"] = errors(loss, grads[0] if grads else None, ref)
+            del loss, grads
     except Exception as exc:  # a failing provider must not stop the sweep
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         rec.update(status="oom" if _is_oom(exc) else "error",
@@ -103,22 +114,33 @@ def _reference_job(job: dict) -> None:
 
 
 def _provider_job(job: dict) -> None:
+    """Memory of every case first (small mmap threshold since the process start), then the
+    timings and errors (glibc's usual threshold); see benchmarks/measure.py."""
     device = torch.device(job["device"])
     name = job["provider"]
-    for index, cd in enumerate(job["cases"]):
-        case = Case.from_dict(cd)
-        cfg = config_for(case.preset)
+    cases = [Case.from_dict(cd) for cd in job["cases"]]
+    first = []
+    for case in cases:
         if job.get("deadline") and time.time() > job["deadline"]:
-            print(PREFIX + json.dumps({"provider": name, "case": cd, "status": "skipped",
-                                       "note": "time budget exhausted"}), flush=True)
+            first.append({"provider": name, "case": case.to_dict(), "status": "skipped",
+                          "note": "time budget exhausted"})
+        else:
+            inputs = make_inputs(case, device)
+            first.append(run_unit(name, case, inputs, job, None, phase="memory"))
+            del inputs
+            gc.collect()
+        print(TICK, flush=True)
+    pin_malloc(GLIBC_MMAP)
+    for index, (case, mem) in enumerate(zip(cases, first, strict=True)):
+        if mem["status"] != "ok":
+            print(PREFIX + json.dumps(mem), flush=True)
             continue
-        ref = None
+        cfg = config_for(case.preset)
         variant = "token" if providers.reference_config(name, cfg) != cfg else "base"
         path = ref_path(job["ref_dir"], index, variant) if job.get("ref_dir") else None
+        ref = _LazyRef(path) if path and os.path.exists(path) else None
         inputs = make_inputs(case, device)
-        if path and os.path.exists(path):
-            ref = _LazyRef(path)
-        rec = run_unit(name, case, inputs, job, ref)
+        rec = run_unit(name, case, inputs, job, ref, phase="time", memory=mem["memory"])
         del inputs
         gc.collect()
         print(PREFIX + json.dumps(rec), flush=True)
@@ -148,7 +170,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         job = json.load(f)
-    pin_malloc(32 * 2**20)
+    pin_malloc(SMALL_MMAP if job["kind"] == "provider" else GLIBC_MMAP)
     torch.manual_seed(0)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
