@@ -56,8 +56,8 @@ def unavailable(name: str, cfg, device: torch.device, elements: int,
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "needs CUDA, or TRITON_INTERPRET=1 on CPU"
         if elements > interpret_max:
-            return (f"Triton interpreter on CPU: tokens x vocab {elements} > "
-                    f"--interpret-max {interpret_max}")
+            return ("Triton interpreter on CPU: only run where tokens x vocab <= "
+                    f"--interpret-max ({interpret_max})")
     return None
 
 

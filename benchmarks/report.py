@@ -78,6 +78,7 @@ def markdown_table(rows: list[dict], modes=MODES) -> str:
     head = ("| preset | B x T | V | dtype | mode | provider | time ms | / eager | / compile "
             "| peak MiB | / eager | / compile | GB/s | loss rel err | grad rel err | note |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    not_run: dict = {}
     for case in cases:
         preset, b, t, v, dtype = case
         for mode in modes:
@@ -89,8 +90,8 @@ def markdown_table(rows: list[dict], modes=MODES) -> str:
                 if cell is None:
                     continue
                 if cell["status"] != "ok":
-                    lines.append(f"| {preset} | {b} x {t} | {v} | {dtype} | {mode} | {p} | "
-                                 + "- | " * 9 + f"{cell['status']}: {cell['note']} |")
+                    not_run.setdefault((p, cell["status"], cell["note"]), set()).add(
+                        f"{preset} {b}x{t} V{v} {dtype}")
                     continue
                 lines.append(
                     f"| {preset} | {b} x {t} | {v} | {dtype} | {mode} | {p} | "
@@ -103,6 +104,10 @@ def markdown_table(rows: list[dict], modes=MODES) -> str:
                     f"{_fmt(cell.get('gbps'), 'num')} | "
                     f"{_fmt(cell.get('loss_rel_err'), 'err')} | "
                     f"{_fmt(cell.get('grad_rel_err'), 'err')} | {cell['note']} |")
+    if not_run:
+        lines += ["", "Not run:", ""]
+        for (p, status, note), where in not_run.items():
+            lines.append(f"- {p}, {len(where)} case(s): {status}: {note}")
     return "\n".join(lines) + "\n"
 
 
