@@ -129,8 +129,10 @@ def main(argv=None) -> None:
         return
     import torch
 
-    if opts.device == "cpu" or (opts.device is None and not torch.cuda.is_available()):
+    if not torch.cuda.is_available():
         # Without CUDA, Triton runs only in its interpreter; set before any Triton import.
+        # (Not on a CUDA machine: that would turn later Triton imports of this process into
+        # interpreted ones; there the CPU worker processes set it for themselves.)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     _finish_defaults(opts)
 

@@ -75,6 +75,13 @@ def _records_to_rows(rec: dict, env: dict) -> list[dict]:
     return rows
 
 
+def _flush(rows: list[dict], opts) -> None:
+    """Rewrite results.csv after every record, so that a run cut short keeps what it did."""
+    from .report import write_csv
+
+    write_csv(rows, os.path.join(opts.out, "results.csv"))
+
+
 def _job(opts, **extra) -> dict:
     job = {"device": opts.device, "modes": opts.modes, "reps": opts.reps,
            "warmup": opts.warmup, "interpret_max": opts.interpret_max,
@@ -135,6 +142,7 @@ def run_isolated(cases, names, opts, env: dict) -> list[dict]:
             def on_rec(rec):
                 rec["modes"] = opts.modes
                 rows.extend(_records_to_rows(rec, env))
+                _flush(rows, opts)
                 bar.set_postfix_str(f"{rec['provider']} {Case.from_dict(rec['case']).label}")
                 bar.update(1)
 
@@ -190,6 +198,7 @@ def run_inprocess(cases, names, opts, env: dict) -> list[dict]:
             rec = run_unit(name, case, inputs, job, refs.get(variant))
             rec["modes"] = opts.modes
             rows.extend(_records_to_rows(rec, env))
+            _flush(rows, opts)
             bar.update(1)
         del inputs, refs
         if device.type == "cuda":
