@@ -64,7 +64,6 @@ TRAIN_DEFAULTS = {
     "max_steps": 250,
     "eval_every": 25,
     "eval_batch_size": 64,
-    "loss_impl": "reference",
     "output_dir": "runs/facts",
 }
 

@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unisd-train",
         description="UniSD on-policy self-distillation of a causal LM (and its baselines).",
+        epilog="The default run (--data builtin --model tiny) is the built-in facts task "
+        "(unisd_fast.facts): it pre-trains the tiny model once, then trains with these values "
+        "in place of the defaults above: "
+        + ", ".join(f"{k}={v}" for k, v in builtin_defaults("builtin:facts", "tiny").items()),
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML or JSON file of field values; flags override it")
