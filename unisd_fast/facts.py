@@ -138,7 +138,7 @@ class PretrainConfig:
     arch: str = "llama"
     hidden_size: int = 128
     num_layers: int = 2
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -227,6 +227,8 @@ def pretrained_base(output_dir, cfg: PretrainConfig) -> Path:
         100 * check["recall"],
         100 * check["copy"],
     )
+    if check["copy"] < 0.9:
+        log.warning("the base model copies the reference poorly: the teacher will teach little")
     tmp = folder.with_name(f".tmp-{BASE_FOLDER}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
