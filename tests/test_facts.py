@@ -112,7 +112,7 @@ def test_greedy_accuracy_on_a_hand_made_case():
 def test_default_run_settings_sit_below_explicit_flags():
     cfg = parse_args([])
     assert facts.uses_facts(cfg) and cfg.method == "unisd_star"
-    assert (cfg.lr, cfg.lora_r, cfg.batch_size) == (1e-3, 0, 32)
+    assert (cfg.lr, cfg.lora_r, cfg.batch_size) == (2e-3, 0, 32)
     assert parse_args(["--lr", "1e-4"]).lr == 1e-4
     arithmetic = parse_args(["--data", "builtin:arithmetic"])
     assert arithmetic.lr == TrainConfig.lr and not facts.uses_facts(arithmetic)

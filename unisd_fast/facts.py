@@ -58,7 +58,7 @@ TRAIN_DEFAULTS = {
     "tiny_hidden_size": 128,
     "tiny_layers": 2,
     "lora_r": 0,
-    "lr": 1e-3,
+    "lr": 2e-3,
     "batch_size": 32,
     "max_new_tokens": CODE_DIGITS + 1,
     "max_steps": 250,
