@@ -153,12 +153,15 @@ def test_bad_data_file_is_reported(tmp_path):
         run(TrainConfig(data=str(path), output_dir=str(tmp_path / "o"), **FAST))
 
 
-def test_local_pretrained_model_path(tmp_path):
-    from unisd_fast.tiny import build_tiny_model, build_tokenizer
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_local_pretrained_model_path(tmp_path, arch):
+    from unisd_fast.tiny import build_tiny_model, build_tokenizer, load_tokenizer
 
     tokenizer = build_tokenizer()
-    build_tiny_model(tokenizer, hidden_size=32, arch="llama").save_pretrained(tmp_path / "base")
+    build_tiny_model(tokenizer, hidden_size=32, arch=arch).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
+    text = "#zok=47\nzok="
+    assert load_tokenizer(str(tmp_path / "base"))(text).input_ids == tokenizer(text).input_ids
     out = str(tmp_path / "o")
     base = str(tmp_path / "base")
     cfg = TrainConfig(model=base, method="sd", max_steps=1, output_dir=out, **FAST)

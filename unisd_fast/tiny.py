@@ -7,11 +7,21 @@ randomly initialised Qwen2- or Llama-style causal LM sized for CPU tests and dem
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+MARKER = "unisd_tiny_tokenizer"
 CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
 ARCHITECTURES = {"qwen2": Qwen2Config, "llama": LlamaConfig}
 
@@ -19,12 +29,13 @@ ARCHITECTURES = {"qwen2": Qwen2Config, "llama": LlamaConfig}
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer; unknown characters map to ``<unk>``.
 
-    No special token is added on encoding; padding is on the left (for generation).
+    No special token is added on encoding; padding is on the left (for generation). Saved
+    with a marker that :func:`load_tokenizer` reads back.
     """
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
         bos_token="<bos>",
@@ -33,6 +44,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.init_kwargs[MARKER] = True
+    return tokenizer
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer, except for a folder saved from :func:`build_tokenizer`: transformers
+    maps a qwen2 model folder to Qwen2Tokenizer, whose pre-tokenizer drops characters of the
+    tiny vocabulary (the newline), so such a folder loads as the plain fast tokenizer."""
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get(MARKER):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def build_tiny_model(

@@ -105,9 +105,11 @@ def load_model(cfg: TrainConfig, device: torch.device):
             attn_implementation=attn,
         )
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        from .tiny import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
