@@ -205,3 +205,16 @@ def test_chunked_rows_cover_every_row_once():
     for r0, r1 in ranges:
         covered[r0:r1] += 1
     assert torch.equal(covered, torch.ones_like(covered))
+
+
+def test_compiler_failure_at_run_time_falls_back_to_eager(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    chunked = usd.chunked
+    monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(chunked, "_COMPILED", {fn: broken for fn in chunked._COMPILED})
+    cfg = usd.UniSDConfig.preset("unisd_star")
+    with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
+        assert_close_to_reference(make_inputs(B=2, T=4, V=300), cfg, "torch")
+    assert all(fn is None for fn in chunked._COMPILED.values())

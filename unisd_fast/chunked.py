@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -96,7 +97,14 @@ def _run(fn, *args):
     for a in args:
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             torch._dynamo.maybe_mark_dynamic(a, 0)
-    return compiled(*args)
+    try:
+        return compiled(*args)
+    except Exception as error:  # noqa: BLE001 - a compiler that fails at run time: go eager
+        warnings.warn(f"unisd_fast: torch.compile failed ({type(error).__name__}: {error}); "
+                      "the CPU path runs eagerly from now on", RuntimeWarning, stacklevel=2)
+        for key in _COMPILED:
+            _COMPILED[key] = None
+        return fn(*args)
 
 
 def row_ranges(N: int, V: int):
