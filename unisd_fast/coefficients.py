@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-SEQUENCE_WEIGHT_FLOOR = 1e-6
-AGREEMENT_SCALE_FLOOR = 1e-6
+from .reference import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR, disagreement
 
 
 def masked_quantile(values, mask, q: float):
@@ -42,10 +41,7 @@ def clip_mask(d, mask, cfg):
 def agreement_weights(view_lp, mask, cfg):
     """Agreement weights (B, T) from view label log-probs (K, B, T); 0 on ignored tokens."""
     if cfg.agreement == "token":
-        if cfg.agreement_stat == "range":
-            d = view_lp.amax(0) - view_lp.amin(0)
-        else:
-            d = view_lp.var(dim=0, correction=1)
+        d = disagreement(view_lp, cfg.agreement_stat, unbiased=True)
         s = torch.clamp(masked_quantile(d, mask, cfg.agreement_quantile),
                         min=AGREEMENT_SCALE_FLOOR)
         ratio = torch.clamp(d / s, max=cfg.agreement_cap)
@@ -53,10 +49,7 @@ def agreement_weights(view_lp, mask, cfg):
     else:
         m = mask.to(view_lp.dtype)
         mu = (view_lp * m).sum(-1) / torch.clamp(m.sum(-1), min=1.0)
-        if cfg.agreement_stat == "range":
-            d = mu.amax(0) - mu.amin(0)
-        else:
-            d = mu.var(dim=0, correction=0)
+        d = disagreement(mu, cfg.agreement_stat, unbiased=False)
         w = torch.clamp(torch.exp(-cfg.agreement_gamma * d), min=SEQUENCE_WEIGHT_FLOOR)
         w = w.unsqueeze(-1).expand_as(mask)
     return torch.where(mask, w, 0.0)

@@ -43,9 +43,22 @@ def triton_available_for(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def check_config(config) -> UniSDConfig:
+    """``config``, or the default config for None; a TypeError for anything else."""
+    cfg = UniSDConfig() if config is None else config
+    if not isinstance(cfg, UniSDConfig):
+        raise TypeError(f"config must be a UniSDConfig, got {type(cfg).__name__}")
+    return cfg
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    check_impl(impl)
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if impl == "triton" and not triton_available_for(device):
@@ -80,9 +93,7 @@ def unisd_loss(
     "torch" or "reference". inplace_backward=True writes the logits gradient into
     student_logits' own buffer (fused impls only; the logits are then overwritten).
     """
-    cfg = UniSDConfig() if config is None else config
-    if not isinstance(cfg, UniSDConfig):
-        raise TypeError(f"config must be a UniSDConfig, got {type(cfg).__name__}")
+    cfg = check_config(config)
     views = validate_inputs(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
@@ -118,12 +129,8 @@ class UniSDLoss(nn.Module):
     def __init__(self, config: UniSDConfig | None = None, impl: str = "auto",
                  inplace_backward: bool = False):
         super().__init__()
-        self.config = UniSDConfig() if config is None else config
-        if not isinstance(self.config, UniSDConfig):
-            raise TypeError(f"config must be a UniSDConfig, got {type(self.config).__name__}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        self.impl = impl
+        self.config = check_config(config)
+        self.impl = check_impl(impl)
         self.inplace_backward = inplace_backward
 
     def forward(self, student_logits, teacher_logits, labels, **kwargs) -> UniSDOutput:
