@@ -2,7 +2,7 @@
 
 Full fp32 ``log_softmax`` tensors of the student, the teacher, every view and the negative,
 gathered and reduced with masked means: the baseline the fused implementation replaces. It
-follows DESIGN.md section 2 term by term (checked against ``unisd_fast.reference`` in
+follows docs/losses.md term by term (checked against ``unisd_fast.reference`` in
 ``tests/test_benchmarks_smoke.py``), and it is written independently of the package, so that
 the two cross-check each other. Arithmetic runs in fp32, or fp64 for fp64 inputs.
 
@@ -83,7 +83,7 @@ def _agreement(lv, m, mask, cfg) -> torch.Tensor:
 
 
 def _reduce(values, weights, cfg, num_items_in_batch) -> torch.Tensor:
-    """Masked weighted mean of DESIGN.md section 2 ("Reduction")."""
+    """Masked weighted mean of docs/losses.md ("Reduction")."""
     if num_items_in_batch is not None:
         return (weights * values).sum() / num_items_in_batch
     if cfg.normalize == "token":
@@ -95,7 +95,7 @@ def _reduce(values, weights, cfg, num_items_in_batch) -> torch.Tensor:
 def eager_unisd_loss(student_logits, teacher_logits, labels, view_logits=None, view_logprobs=None,
                      negative_logits=None, negative_logprobs=None, student_hidden=None,
                      teacher_hidden=None, config=None, num_items_in_batch=None) -> EagerOutput:
-    """UniSD loss (DESIGN.md section 2) the paper's way; same arguments as ``unisd_loss``."""
+    """UniSD loss (docs/losses.md) the paper's way; same arguments as ``unisd_loss``."""
     cfg = config
     if num_items_in_batch is not None and cfg.normalize != "token":
         raise ValueError("num_items_in_batch needs normalize='token'")

@@ -166,7 +166,7 @@ def tensor_bytes(t: torch.Tensor | None) -> int:
 
 
 def byte_budget(inputs: dict, mode: str) -> int:
-    """Minimum HBM traffic of the two-pass algorithm (DESIGN.md section 5), in bytes.
+    """Minimum HBM traffic of the two-pass algorithm (docs/kernels.md, "Byte budget"), in bytes.
 
     fwd_bwd: 2(|S| + |T|) + |dS| + (K+1)|view|, plus the hidden states (read twice, grad
     written once); fwd (stats pass): |S| + |T| + (K+1)|view| + |h_S| + |h_T|;

@@ -15,8 +15,8 @@ SCRIPT = textwrap.dedent("""
     import unisd_fast as usd
     from loss_inputs import make_inputs, run_loss
 
-    assert usd.chunked._COMPILED[usd.chunked._grad_block] is not None
-    usd.chunked.COMPILE_MIN_ELEMENTS = 0
+    assert usd.torch_backend._COMPILED[usd.torch_backend._grad_block] is not None
+    usd.torch_backend.COMPILE_MIN_ELEMENTS = 0
     torch.manual_seed(0)
     for preset, dtype in (("unisd_star", torch.float32), ("gkd", torch.bfloat16)):
         cfg = usd.UniSDConfig.preset(preset)

@@ -1,4 +1,4 @@
-"""Every fused implementation against the float64 reference (DESIGN.md section 6).
+"""Every fused implementation against the float64 reference (docs/losses.md).
 
 On CPU "triton" runs in Triton's interpreter and "torch" eagerly (conftest); on CUDA the same
 tests run the compiled kernels.
@@ -74,7 +74,7 @@ def test_matches_reference(impl, vocab, option, device):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_small_tiles_cover_many_partial_blocks(impl, device, monkeypatch):
     monkeypatch.setattr(common, "MAX_BLOCK", 256)
-    monkeypatch.setattr(usd.chunked, "CHUNK_ELEMENTS_EAGER", 3000)
+    monkeypatch.setattr(usd.torch_backend, "CHUNK_ELEMENTS_EAGER", 3000)
     for option in ("unisd_star", {"divergence": "jsd"}, {"divergence": "rkl"}):
         cfg, kw = config_and_kwargs(option)
         assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, impl)
@@ -200,7 +200,7 @@ def test_self_distillation_regime_bf16_gradient_relative_error(impl, device):
 
 
 def test_chunked_rows_cover_every_row_once():
-    ranges = usd.chunked.row_ranges(1000, 301)
+    ranges = usd.torch_backend.row_ranges(1000, 301)
     covered = torch.zeros(1000, dtype=torch.int64)
     for r0, r1 in ranges:
         covered[r0:r1] += 1
@@ -211,7 +211,7 @@ def test_compiler_failure_at_run_time_falls_back_to_eager(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
 
-    chunked = usd.chunked
+    chunked = usd.torch_backend
     monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
     monkeypatch.setattr(chunked, "_COMPILED", {fn: broken for fn in chunked._COMPILED})
     cfg = usd.UniSDConfig.preset("unisd_star")

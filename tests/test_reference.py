@@ -1,5 +1,5 @@
 """The float64 reference against closed forms, hand-computed cases, gradcheck and the
-gradient formulas of DESIGN.md section 2."""
+gradient formulas of docs/losses.md."""
 
 import math
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from .reference import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR, disagreement
+from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
+
+
+def disagreement(view_lp, stat: str, unbiased: bool):
+    """Spread of the K view label log-probs along dim 0: variance or max - min."""
+    if stat == "range":
+        return view_lp.amax(0) - view_lp.amin(0)
+    return view_lp.var(dim=0, correction=1 if unbiased else 0)
 
 
 def masked_quantile(values, mask, q: float):

@@ -1,4 +1,5 @@
-"""UniSDConfig: every option of the UniSD loss (DESIGN.md section 2), validated."""
+"""UniSDConfig: every option of the UniSD loss (docs/losses.md), validated, and the constants
+shared by the reference and the fused paths."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ DIVERGENCES = ("fkl", "rkl", "jsd")
 AGREEMENTS = ("none", "token", "sequence")
 AGREEMENT_STATS = ("var", "range")
 NORMALIZATIONS = ("sequence", "token")
+
+# Lower bounds of the token agreement scale s and of the sequence agreement weight w_b.
+AGREEMENT_SCALE_FLOOR = 1e-6
+SEQUENCE_WEIGHT_FLOOR = 1e-6
 
 PRESETS: dict[str, dict] = {
     "sd": {},
@@ -135,7 +140,7 @@ class UniSDConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> UniSDConfig:
-        """The named preset of DESIGN.md section 2, with optional field overrides."""
+        """The named preset of docs/losses.md, with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

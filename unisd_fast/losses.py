@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import chunked, ops
+from . import torch_backend
 from .config import UniSDConfig
+from .fused import unisd_fused
 from .reference import unisd_loss_reference
 from .validation import validate_inputs
 
@@ -84,7 +85,7 @@ def unisd_loss(
     impl: str = "auto",
     inplace_backward: bool = False,
 ) -> UniSDOutput:
-    """The UniSD loss of DESIGN.md section 2 on (B, T, V) logits and (B, T) labels.
+    """The UniSD loss of docs/losses.md on (B, T, V) logits and (B, T) labels.
 
     view_logits: (K, B, T, V) tensor or list of K (B, T, V) tensors, or view_logprobs
     (K, B, T) already scored; needed with agreement. negative_logits (B, T, V) or
@@ -112,8 +113,8 @@ def unisd_loss(
     if which == "triton":
         from . import kernels as backend
     else:
-        backend = chunked
-    parts = ops.unisd_fused(
+        backend = torch_backend
+    parts = unisd_fused(
         student_logits, teacher_logits, labels, backend=backend, config=cfg, views=views,
         view_logprobs=view_logprobs, negative_logits=negative_logits,
         negative_logprobs=negative_logprobs, student_hidden=student_hidden,

@@ -1,9 +1,9 @@
-"""The UniSD loss in plain PyTorch: the executable form of DESIGN.md section 2.
+"""The UniSD loss in plain PyTorch: the executable form of docs/losses.md.
 
 Every fused implementation is tested against this file. It favours clarity over memory: it
 materialises full log-softmax tensors. Arithmetic runs in float32, or float64 when the inputs
-are float64, so a float64 call gives a float64 answer. It imports nothing of the package; the
-config argument only needs the attributes of ``UniSDConfig``.
+are float64, so a float64 call gives a float64 answer. It imports only the package's constants
+(``config.py``); the config argument only needs the attributes of ``UniSDConfig``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import math
 
 import torch
 
-SEQUENCE_WEIGHT_FLOOR = 1e-6
-AGREEMENT_SCALE_FLOOR = 1e-6
+from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -78,7 +78,7 @@ def _grad_kernel(
 def write_grad(z, u, labels, out, stats, ck, cc, *, divergence: str, tau: float, alpha: float):
     """Write d loss / d z into ``out`` (may be ``z`` itself) from row stats and coefficients."""
     B, T, V = z.shape
-    lse_s, lse_t, d, aux = (t.contiguous() for t in stats)
+    lse_s, lse_t, d, aux = (t.contiguous() for t in stats[:4])
     block, warps = launch_geometry(V)
     _grad_kernel[(B * T,)](
         z, u, labels, out, lse_s, lse_t, d, aux, ck.contiguous(), cc.contiguous(),

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import RowStats
 from .common import DIVERGENCE_CODE, FKL, RKL, launch_geometry, row_offset, strides_bt
 
 
@@ -134,7 +135,7 @@ def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore
         1.0 / tau, alpha, ignore_index,
         DIV=DIVERGENCE_CODE[divergence], BLOCK=block, num_warps=warps,
     )
-    return tuple(outs)
+    return RowStats(*outs)
 
 
 def label_logprob(x, labels, *, tau: float, ignore_index: int):

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .data import Example, Task, builtin_name
-from .prompts import PromptTemplates
-from .tiny import build_tiny_model, build_tokenizer
+from ..models.tiny import build_tiny_model, build_tokenizer
+from ..prompts import PromptTemplates
+from .base import Example, Task
 
 log = logging.getLogger("unisd_fast.facts")
 
@@ -272,7 +272,7 @@ def greedy_accuracy(model, tokenizer, examples, reference: bool, max_batch: int 
 
 def uses_facts(cfg) -> bool:
     """True when ``cfg`` trains the tiny model on this task (the default run)."""
-    return cfg.model == "tiny" and builtin_name(cfg.data) == "facts"
+    return cfg.model == "tiny" and cfg.data in ("builtin", "builtin:facts")
 
 
 def pretrain_config(cfg) -> PretrainConfig:

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from unisd_fast import compare, facts
-from unisd_fast.data import Example, builtin_defaults
-from unisd_fast.train_config import TrainConfig, parse_args
+from unisd_fast.train import compare
+from unisd_fast.train.config import TrainConfig, parse_args
+from unisd_fast.train.tasks import Example, builtin_defaults, facts
 
 pytest.importorskip("peft")
 
@@ -93,7 +93,7 @@ class ScriptedModel:
 
 
 def test_greedy_accuracy_on_a_hand_made_case():
-    from unisd_fast.tiny import build_tokenizer
+    from unisd_fast.train.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     examples = [Example("abc=", "12"), Example("xyz=", "34"), Example("pqr=", "56")]

@@ -15,9 +15,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import AGREEMENTS, DIVERGENCES, NORMALIZATIONS, PRESETS, UniSDConfig
 from .checkpoint import find_checkpoint, read_checkpoint_config
-from .config import AGREEMENTS, DIVERGENCES, NORMALIZATIONS, PRESETS, UniSDConfig
-from .data import builtin_defaults
+from .tasks import builtin_defaults
 
 METHODS = ("sft", "ema", *PRESETS)
 EMA_DEFAULTS = {"ema": (0.9, 10), "unisd_star": (0.98, 10)}

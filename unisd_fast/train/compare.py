@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import facts
-from .data import builtin_name
-from .train import check_output_dir, run
-from .train_config import TrainConfig
+from .config import TrainConfig
+from .loop import check_output_dir, run
+from .tasks import builtin_name, facts
 
 log = logging.getLogger("unisd_fast.compare")
 

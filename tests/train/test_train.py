@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unisd_fast.train import main, run
-from unisd_fast.train_config import METHODS, TrainConfig
+from unisd_fast.train.config import METHODS, TrainConfig
 
 pytest.importorskip("peft")
 
@@ -155,7 +155,7 @@ def test_bad_data_file_is_reported(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_local_pretrained_model_path(tmp_path, arch):
-    from unisd_fast.tiny import build_tiny_model, build_tokenizer, load_tokenizer
+    from unisd_fast.train.models.tiny import build_tiny_model, build_tokenizer, load_tokenizer
 
     tokenizer = build_tokenizer()
     build_tiny_model(tokenizer, hidden_size=32, arch=arch).save_pretrained(tmp_path / "base")
@@ -181,7 +181,7 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
 
 
 def test_schedule_order_and_view_references_are_seeded():
-    from unisd_fast.train import Schedule
+    from unisd_fast.train.loop import Schedule
 
     cfg = TrainConfig(batch_size=3, grad_accum=2, seed=7)
     a, b = Schedule(10, cfg), Schedule(10, cfg)

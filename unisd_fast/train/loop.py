@@ -5,8 +5,8 @@ score [teacher prompt, y], the K views and the negative without gradient, forwar
 student on [prompt, y], and backpropagate ``unisd_loss`` over y's positions divided by the
 accumulation steps; then clip, AdamW, cosine schedule, and the EMA teacher update.
 
-``run(cfg)`` is the programmatic entry (it returns a summary dict); ``main(argv)`` parses
-the command line into a TrainConfig and calls it.
+``run(cfg)`` is the programmatic entry (it returns a summary dict); ``cli.main(argv)``
+parses the command line into a TrainConfig and calls it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import math
 import random
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import unisd_loss
 from .checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -35,14 +35,13 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .data import DataError, Example, Task, builtin_name, load_task
+from .config import TrainConfig
 from .evaluate import evaluate
-from .losses import unisd_loss
+from .models.tiny import build_tiny_model, build_tokenizer
 from .prompts import PromptEncoder
 from .rollout import generate, generation_config, right_pad
+from .tasks import Task, load_task
 from .teachers import EMATeacher, Scorer, completion_forward
-from .tiny import build_tiny_model, build_tokenizer
-from .train_config import ConfigError, TrainConfig, parse_args
 
 log = logging.getLogger("unisd_fast.train")
 
@@ -107,7 +106,7 @@ def load_model(cfg: TrainConfig, device: torch.device):
     else:
         from transformers import AutoModelForCausalLM
 
-        from .tiny import load_tokenizer
+        from .models.tiny import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
         tokenizer.padding_side = "left"
@@ -502,26 +501,3 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "wall_time_s": time.perf_counter() - started,
     }
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = parse_args(argv)
-        if cfg.compare or builtin_name(cfg.data) == "facts":
-            from .compare import run_reported
-
-            summary = run_reported(cfg)
-        else:
-            summary = run(cfg)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"unisd-train: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-__all__ = ["Example", "Task", "TrainConfig", "main", "run"]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,11 @@
-"""The two-pass algorithm of the Triton kernels in PyTorch, chunked over rows.
+"""The two passes of the Triton kernels in PyTorch, over blocks of rows (the CPU path).
 
-This is the CPU path (``impl="torch"``): the same stats and gradient passes as
-``unisd_fast.kernels`` with the same signatures, but each pass works on a block of rows at a
+``impl="torch"``: the same stats and gradient passes as ``unisd_fast.kernels``, behind the
+same ``RowBackend`` interface (``backend.py``), but each pass works on a block of rows at a
 time, so no float32 tokens x vocab temporary is alive beyond one block (about
 ``CHUNK_ELEMENTS`` elements, none at all when compiled: the compiler fuses each pass into one
-loop) and the gradient itself. The per-block math is compiled with
-``torch.compile`` (one fused loop per pass, like the Triton kernels) where the compiler
-works; set ``UNISD_FAST_COMPILE=0`` to run it eagerly.
+loop) and the gradient itself. The per-block math is compiled with ``torch.compile`` where
+the compiler works; set ``UNISD_FAST_COMPILE=0`` to run it eagerly.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import os
 import warnings
 
 import torch
+
+from .backend import RowStats
 
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
@@ -155,7 +156,7 @@ def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore
         values = _run(_stats_block, zr[rng], ur[rng], torch.where(keep, y, 0).long(), tau,
                       divergence, alpha)
         outs[:, rng[0]:rng[1]] = torch.where(keep, torch.stack(values), 0.0)
-    return tuple(outs.view(6, B, T).unbind(0))
+    return RowStats(*outs.view(6, B, T).unbind(0))
 
 
 def label_logprob(x, labels, *, tau: float, ignore_index: int):
@@ -179,7 +180,7 @@ def write_grad(z, u, labels, out, stats, ck, cc, *, divergence: str, tau: float,
     """
     B, T, V = z.shape
     zr, ur, yr, outr = Rows(z), Rows(u), Rows(labels), Rows(out)
-    flat = [t.reshape(-1) for t in (*stats, ck, cc)]
+    flat = [t.reshape(-1) for t in (*stats[:4], ck, cc)]
     for r0, r1 in row_ranges(B * T, V):
         lse_s, lse_t, d, aux, ck_b, cc_b = (t[r0:r1] for t in flat)
         block = outr.flat[r0:r1] if outr.flat is not None else torch.empty(

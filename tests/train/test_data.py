@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from unisd_fast import data
-from unisd_fast.data import DataError, Example, load_jsonl, load_task
-from unisd_fast.prompts import PromptEncoder, PromptTemplates
-from unisd_fast.tiny import build_tokenizer
-from unisd_fast.train_config import ConfigError, TrainConfig, parse_args
+from unisd_fast.train import tasks as data
+from unisd_fast.train.config import ConfigError, TrainConfig, parse_args
+from unisd_fast.train.models.tiny import build_tokenizer
+from unisd_fast.train.prompts import PromptEncoder, PromptTemplates
+from unisd_fast.train.tasks import DataError, Example, load_jsonl, load_task
 
 
 def write_jsonl(path, records):

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from unisd_fast.teachers import EMATeacher, Scorer, completion_forward, effective_weights
-from unisd_fast.tiny import build_tiny_model, build_tokenizer
+from unisd_fast.train.models.tiny import build_tiny_model, build_tokenizer
+from unisd_fast.train.teachers import EMATeacher, Scorer, completion_forward, effective_weights
 
 peft = pytest.importorskip("peft")
 

@@ -1,0 +1,46 @@
+"""The row-backend interface that the fused autograd Function runs on.
+
+Two backends satisfy it: ``unisd_fast.kernels`` (Triton, CUDA or the interpreter) and
+``unisd_fast.torch_backend`` (PyTorch over row blocks, the CPU path). Every tensor argument
+is a (B, T, ...) tensor read through its batch and time strides, so views such as
+``logits[:, :-1]`` need no copy. docs/kernels.md describes the passes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+
+class RowStats(NamedTuple):
+    """Per-row float32 (B, T) results of the stats pass; zeros on ignored rows.
+
+    ``aux`` is KL(p_S || M) for jsd and unused (zeros) for fkl and rkl.
+    """
+
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    divergence: torch.Tensor
+    aux: torch.Tensor
+    student_label: torch.Tensor
+    teacher_label: torch.Tensor
+
+
+@runtime_checkable
+class RowBackend(Protocol):
+    """The three passes over (B, T, V) logits that every fused path is built from."""
+
+    def row_stats(self, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, *,
+                  divergence: str, tau: float, alpha: float, ignore_index: int) -> RowStats:
+        """One read of the student ``z`` and teacher ``u`` rows: log-sum-exps, D, labels."""
+
+    def label_logprob(self, x: torch.Tensor, labels: torch.Tensor, *, tau: float,
+                      ignore_index: int) -> torch.Tensor:
+        """``log softmax(x / tau)[labels]`` per row as float32 (B, T); 0 on ignored rows."""
+
+    def write_grad(self, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor,
+                   out: torch.Tensor, stats: RowStats, ck: torch.Tensor, cc: torch.Tensor, *,
+                   divergence: str, tau: float, alpha: float) -> None:
+        """Write d loss / d z into ``out`` (which may be ``z``) from the row stats and the
+        per-row coefficients ``ck`` (divergence) and ``cc`` (contrastive hinge)."""

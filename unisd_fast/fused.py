@@ -1,0 +1,164 @@
+"""The fused UniSD loss as one ``torch.autograd.Function`` over a ``RowBackend``.
+
+Forward runs the stats pass and the length-N coefficient step (``coefficients.py``); backward
+runs the gradient pass with grad_output folded into the two per-row coefficients, so the
+logits are read twice and the gradient written once in all (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import coefficients as co
+from .backend import RowBackend, RowStats
+from .config import UniSDConfig
+
+
+@dataclass(frozen=True)
+class FusedCall:
+    """Everything of one fused call but the two differentiable inputs (the student logits
+    and hidden states). Tensors are validated and have a unit last stride."""
+
+    backend: RowBackend
+    config: UniSDConfig
+    teacher_logits: torch.Tensor
+    labels: torch.Tensor
+    views: list[torch.Tensor] | None = None
+    view_logprobs: torch.Tensor | None = None
+    negative_logits: torch.Tensor | None = None
+    negative_logprobs: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
+    num_items_in_batch: float | torch.Tensor | None = None
+    inplace_backward: bool = False
+
+
+@dataclass
+class Coefficients:
+    """The length-N step's results: the loss, its detached terms and diagnostics, and what
+    the gradient pass needs (``ck``, ``cc`` per row; the scaled hidden-state difference)."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    contrastive: torch.Tensor
+    feature: torch.Tensor
+    divergence: torch.Tensor
+    weight: torch.Tensor
+    clipped: torch.Tensor
+    ck: torch.Tensor
+    cc: torch.Tensor
+    hidden_grad: torch.Tensor | None
+
+
+def combine(stats: RowStats, mask: torch.Tensor, cfg: UniSDConfig, view_lp, negative_lp,
+            student_hidden, teacher_hidden, num_items_in_batch) -> Coefficients:
+    """From the row stats and the views' and negative's label log-probs to the loss and the
+    per-row gradient coefficients. Length-N work only; no host sync."""
+    d = stats.divergence
+    m = mask.float()
+    c, clipped = co.clip_mask(d, mask, cfg)
+    d_used = torch.where(clipped, c, d) if c is not None else d
+    if cfg.agreement != "none":
+        w = co.agreement_weights(torch.where(mask, view_lp.float(), 0.0), mask, cfg)
+    else:
+        w = m
+    kd_scale = co.token_scale(w, cfg.normalize, num_items_in_batch)
+    kd = (kd_scale * d_used).sum()
+    loss = cfg.kd_weight * kd
+    ck = cfg.kd_weight * kd_scale * (~clipped)
+
+    scale = co.token_scale(m, cfg.normalize, num_items_in_batch)
+    contrastive = loss.new_zeros(())
+    cc = torch.zeros_like(m)
+    if cfg.contrastive_weight > 0:
+        b_lab = torch.where(mask, negative_lp.float(), 0.0)
+        hinge, sign = co.hinge(stats.student_label, stats.teacher_label, b_lab,
+                               cfg.contrastive_margin)
+        contrastive = (scale * hinge).sum()
+        loss = loss + cfg.contrastive_weight * contrastive
+        cc = cfg.contrastive_weight * scale * sign
+
+    feature = loss.new_zeros(())
+    diff = None
+    if cfg.feature_weight > 0:
+        diff = torch.where(mask.unsqueeze(-1),
+                           student_hidden.float() - teacher_hidden.float(), 0.0)
+        feature = (scale * diff.pow(2).mean(-1)).sum()
+        loss = loss + cfg.feature_weight * feature
+        diff.mul_((cfg.feature_weight * 2.0 / diff.shape[-1]) * scale.unsqueeze(-1))
+    return Coefficients(loss, kd, contrastive, feature, d, w, clipped, ck, cc, diff)
+
+
+def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):
+    """Label log-probs of a view or negative (B, T, V) at temperature ``tau``."""
+    return backend.label_logprob(x, labels, tau=tau, ignore_index=cfg.ignore_index)
+
+
+class UniSDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, student_hidden, call: FusedCall):
+        cfg, backend, labels = call.config, call.backend, call.labels
+        mask = labels != cfg.ignore_index
+        stats = backend.row_stats(
+            student_logits, call.teacher_logits, labels, divergence=cfg.divergence,
+            tau=cfg.temperature, alpha=cfg.jsd_alpha, ignore_index=cfg.ignore_index)
+        view_lp = call.view_logprobs
+        if cfg.agreement != "none" and view_lp is None:
+            view_lp = torch.stack([score(backend, v, labels, cfg.view_temperature, cfg)
+                                   for v in call.views])
+        negative_lp = call.negative_logprobs
+        if cfg.contrastive_weight > 0 and negative_lp is None:
+            negative_lp = score(backend, call.negative_logits, labels, cfg.temperature, cfg)
+        out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden,
+                      call.teacher_hidden, call.num_items_in_batch)
+
+        ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats[:4],
+                              out.ck, out.cc, out.hidden_grad)
+        ctx.call = call
+        ctx.hidden_dtype = None if student_hidden is None else student_hidden.dtype
+        ctx.mark_non_differentiable(out.kd, out.contrastive, out.feature, out.divergence,
+                                    out.weight, out.clipped)
+        return (out.loss, out.kd, out.contrastive, out.feature, out.divergence, out.weight,
+                out.clipped)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_):
+        z, u, labels, lse_s, lse_t, d, aux, ck, cc, hidden_grad = ctx.saved_tensors
+        call = ctx.call
+        cfg = call.config
+        grad_z = grad_h = None
+        g = grad_loss.float()
+        if ctx.needs_input_grad[0]:
+            grad_z = z if call.inplace_backward else torch.empty(z.shape, dtype=z.dtype,
+                                                                 device=z.device)
+            call.backend.write_grad(z, u, labels, grad_z, (lse_s, lse_t, d, aux), ck * g,
+                                    cc * g, divergence=cfg.divergence, tau=cfg.temperature,
+                                    alpha=cfg.jsd_alpha)
+        if ctx.needs_input_grad[1] and hidden_grad is not None:
+            grad_h = (hidden_grad * g).to(ctx.hidden_dtype)
+        return grad_z, grad_h, None
+
+
+def unit_stride(x):
+    """``x`` with a unit last stride (a copy only where it has none); None stays None."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
+                config: UniSDConfig, views=None, view_logprobs=None, negative_logits=None,
+                negative_logprobs=None, student_hidden=None, teacher_hidden=None,
+                num_items_in_batch=None, inplace_backward=False):
+    """Run UniSDFunction; returns its seven outputs (loss, kd, contrastive, feature, D, w,
+    clipped). Tensors whose last dimension is strided are made contiguous first."""
+    if inplace_backward and student_logits.stride(-1) != 1:
+        raise ValueError("inplace_backward=True needs student_logits with a unit last stride")
+    call = FusedCall(
+        backend=backend, config=config, teacher_logits=unit_stride(teacher_logits).detach(),
+        labels=labels, views=None if views is None else [unit_stride(v) for v in views],
+        view_logprobs=view_logprobs, negative_logits=unit_stride(negative_logits),
+        negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
+        num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward)
+    return UniSDFunction.apply(unit_stride(student_logits), student_hidden, call)

@@ -1,0 +1,51 @@
+"""JSONL task files with clear errors.
+
+A line holds ``prompt`` and ``demonstration`` (strings) and optionally ``negative`` (a wrong
+demonstration, for the contrastive teacher) and ``answer`` (what task accuracy compares the
+greedy completion with; the demonstration when absent). Other keys are ignored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import DataError, Example
+
+
+def load_jsonl(path) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            examples.append(_example(record, where))
+    if not examples:
+        raise DataError(f"data file {str(path)!r} holds no example")
+    return examples
+
+
+def _example(record: dict, where: str) -> Example:
+    values = {}
+    for name in ("prompt", "demonstration", "negative", "answer"):
+        value = record.get(name)
+        required = name in ("prompt", "demonstration")
+        if value is None:
+            if required:
+                raise DataError(f"{where}: missing field {name!r}")
+            continue
+        if not isinstance(value, str) or (required and not value.strip()):
+            raise DataError(
+                f"{where}: field {name!r} must be a non-empty string, got {value!r:.60}"
+            )
+        values[name] = value
+    return Example(**values)
