@@ -40,11 +40,12 @@ def test_num_items_in_batch_must_be_positive_and_finite(inputs, n, impl):
         loss(inputs, cfg, impl, num_items_in_batch=n)
 
 
-def test_num_items_in_batch_tensor_equals_number(inputs):
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_num_items_in_batch_tensor_equals_number(inputs, impl):
     cfg = usd.UniSDConfig(normalize="token")
-    expected = loss(inputs, cfg, num_items_in_batch=7).loss
+    expected = loss(inputs, cfg, impl, num_items_in_batch=7).loss
     for n in (torch.tensor(7), torch.tensor([7.0]), 7.0):
-        torch.testing.assert_close(loss(inputs, cfg, num_items_in_batch=n).loss, expected)
+        torch.testing.assert_close(loss(inputs, cfg, impl, num_items_in_batch=n).loss, expected)
     with pytest.raises(TypeError, match="num_items_in_batch must be a real number tensor"):
         loss(inputs, cfg, num_items_in_batch=torch.tensor(True))
 
@@ -98,18 +99,22 @@ def test_cuda_validation_does_not_sync():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bad_label_raises_at_the_next_sync():
     script = textwrap.dedent("""
-        import torch, unisd_fast as usd
+        import torch
+        from unisd_fast import UniSDConfig
+        from unisd_fast.validation import validate_inputs
         z = torch.randn(2, 3, 11, device="cuda")
         labels = torch.full((2, 3), 11, device="cuda")
-        usd.unisd_loss(z, z.clone(), labels)
         try:
+            validate_inputs(UniSDConfig(), z, z, labels, *[None] * 7)
+            print("validated")
             torch.cuda.synchronize()
-        except RuntimeError as error:
-            print("raised:", error)
+        except Exception as error:
+            print("raised:", type(error).__name__, error)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, env=_env())
-    assert "raised:" in done.stdout and "device-side assert" in done.stdout, done.stderr[-2000:]
+    assert "validated\nraised: " in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "device-side assert" in done.stdout
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -179,8 +184,8 @@ def test_non_finite_values_in_ignored_rows_stay_out(inputs, impl):
 
 
 def _env():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
-        "PYTHONPATH", "")])}
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     env.pop("TRITON_INTERPRET", None)
     return env
 

@@ -115,6 +115,8 @@ def unisd_loss(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
     )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.reshape(())
     if inplace_backward:
         validate_inplace(student_logits)
     which = resolve_impl(impl, student_logits.device)
