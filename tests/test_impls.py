@@ -200,7 +200,7 @@ def test_self_distillation_regime_bf16_gradient_relative_error(impl, device):
 
 
 def test_chunked_rows_cover_every_row_once():
-    ranges = usd.torch_backend.row_ranges(1000, 301)
+    ranges = usd.torch_backend.TorchBackend(compile=False).row_ranges(1000, 301)
     covered = torch.zeros(1000, dtype=torch.int64)
     for r0, r1 in ranges:
         covered[r0:r1] += 1
@@ -212,9 +212,10 @@ def test_compiler_failure_at_run_time_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     chunked = usd.torch_backend
+    backend = chunked.default_backend()
     monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(chunked, "_COMPILED", {fn: broken for fn in chunked._COMPILED})
+    monkeypatch.setattr(backend, "compiled", {fn: broken for fn in chunked.BLOCK_FUNCTIONS})
     cfg = usd.UniSDConfig.preset("unisd_star")
     with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
         assert_close_to_reference(make_inputs(B=2, T=4, V=300), cfg, "torch")
-    assert all(fn is None for fn in chunked._COMPILED.values())
+    assert not backend.is_compiled
