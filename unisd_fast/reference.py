@@ -40,7 +40,9 @@ def textbook_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
         return _xlogy_terms(log_pt.exp(), log_pt - log_ps).sum(-1)
     if kind == "rkl":
         return _xlogy_terms(log_ps.exp(), log_ps - log_pt).sum(-1)
-    log_m = torch.logaddexp(log_ps + math.log(1 - alpha), log_pt + math.log(alpha))
+    both = (log_ps == -math.inf) & (log_pt == -math.inf)  # log M = -inf, no gradient
+    log_m = torch.logaddexp(torch.where(both, 0.0, log_ps + math.log(1 - alpha)),
+                            torch.where(both, 0.0, log_pt + math.log(alpha)))
     kl_tm = _xlogy_terms(log_pt.exp(), log_pt - log_m).sum(-1)
     kl_sm = _xlogy_terms(log_ps.exp(), log_ps - log_m).sum(-1)
     return alpha * kl_tm + (1 - alpha) * kl_sm
