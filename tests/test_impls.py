@@ -80,6 +80,19 @@ def test_small_tiles_cover_many_partial_blocks(impl, device, monkeypatch):
         assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, impl)
 
 
+@pytest.mark.parametrize("target", [1, 10_000])
+def test_gradient_grid_whole_rows_or_vocabulary_chunks(target, device, monkeypatch):
+    # target 1: one program per row (a 1-D grid); 10000: rows split into vocabulary chunks
+    from unisd_fast.kernels import grad
+
+    monkeypatch.setattr(common, "MAX_BLOCK", 256)
+    monkeypatch.setattr(grad, "TARGET_PROGRAMS", target)
+    assert grad.column_chunks(8, 1000, 256) == (1024 if target == 1 else 256)
+    for option in ("unisd_star", {"divergence": "jsd"}, {"divergence": "rkl"}):
+        cfg, kw = config_and_kwargs(option)
+        assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, "triton")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("K", [2, 3])
 def test_views_as_list_tensor_or_logprobs(impl, K, device):

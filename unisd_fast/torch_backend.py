@@ -207,17 +207,19 @@ def _scalar(value: float, like: torch.Tensor):
 class TorchBackend:
     """The CPU ``RowBackend``: per-block passes, compiled per instance.
 
-    ``compile=None`` reads ``UNISD_FAST_COMPILE`` (default on). A compiler that fails at run
-    time turns this instance eager for good, with one ``RuntimeWarning``.
+    ``compile=None`` reads ``UNISD_FAST_COMPILE`` (default on); ``compiler`` is the
+    ``torch.compile`` backend. A compiler that fails at run time turns this instance eager
+    for good, with one ``RuntimeWarning``.
     """
 
-    def __init__(self, compile: bool | None = None):
+    def __init__(self, compile: bool | None = None, compiler="inductor"):
         if compile is None:
             compile = os.environ.get("UNISD_FAST_COMPILE", "1") != "0"
         self.compiled: dict = {}
         if compile:
             try:
-                self.compiled = {fn: torch.compile(fn) for fn in BLOCK_FUNCTIONS}
+                self.compiled = {fn: torch.compile(fn, backend=compiler)
+                                 for fn in BLOCK_FUNCTIONS}
             except Exception:  # noqa: BLE001 - no working compiler: stay eager
                 self.compiled = {}
 
