@@ -24,6 +24,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -530,9 +531,12 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
         nonfinite = guard.check([s["loss"] for s in micro_stats], grad_norm.item())
         if nonfinite == "none":
             optimizer.step()
+            scheduler.step()
         else:
             log.warning("step %d skipped: non-finite %s", step + 1, nonfinite)
-        scheduler.step()
+            with warnings.catch_warnings():  # torch's "scheduler before optimizer" warning
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
         step += 1
         ema_updated = False
         if ema is not None and nonfinite == "none":
