@@ -1,0 +1,235 @@
+"""UniSD inside TRL: ``UniSDSDFTTrainer``, TRL's SDFTTrainer with the UniSD loss (docs/trl.md).
+
+Rollouts (transformers or vLLM), teacher kinds (base / live / EMA, PEFT adapters),
+accelerate, logging and checkpoints stay TRL's. This module replaces only the loss: it adds
+the agreement views and the negative context to TRL's rollout batch, and computes the loss
+with ``unisd_fast.unisd_loss`` on the model's logits. Needs ``pip install unisd-fast[trl]``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from accelerate.logging import get_logger
+
+from ..losses import unisd_loss
+from .trl_batch import other_contexts, stack_left_padded, step_token_counts
+from .trl_compat import SUPPORTED_TRL, SDFTBridge
+from .trl_config import UniSDSDFTConfig, divergence_of_alpha
+
+__all__ = ["SUPPORTED_TRL", "UniSDSDFTConfig", "UniSDSDFTTrainer", "divergence_of_alpha"]
+
+logger = get_logger(__name__)
+
+METRICS = (
+    "unisd/kd",
+    "unisd/contrastive",
+    "unisd/feature",
+    "unisd/clipped_fraction",
+    "unisd/agreement_weight",
+)
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """log softmax(logits / temperature)[label] in float32, (B, T); any value where the
+    label is ignored (negative)."""
+    scaled = logits.float() / temperature
+    picked = scaled.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+class UniSDSDFTTrainer(SDFTBridge):
+    """SDFTTrainer whose loss is the UniSD loss of ``args.unisd_loss_config()``.
+
+    Takes SDFTTrainer's arguments; ``args`` must be a UniSDSDFTConfig. The dataset needs
+    ``prompt`` and ``privileged_context`` columns as for SDFT, and with a contrastive weight
+    also the ``args.unisd_negative_column`` column.
+    """
+
+    _tag_names = ["trl", "sdft", "unisd"]
+    _name = "UniSD SDFT"
+    config_cls = UniSDSDFTConfig
+
+    def __init__(
+        self,
+        model,
+        args: UniSDSDFTConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if not isinstance(args, UniSDSDFTConfig):
+            raise TypeError(f"args must be a UniSDSDFTConfig, got {type(args).__name__}")
+        self.unisd_config = args.unisd_loss_config()
+        self._check_columns(args, train_dataset, eval_dataset)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+
+    def _check_columns(self, args, train_dataset, eval_dataset):
+        needed = []
+        if self.unisd_config.needs_negative:
+            needed.append(args.unisd_negative_column)
+        if self.unisd_config.needs_views:
+            needed.extend(["prompt", "privileged_context"])
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for name, data in [("train_dataset", train_dataset)] + [("eval_dataset", d) for d in evals]:
+            columns = getattr(data, "column_names", None)
+            missing = [c for c in needed if columns is not None and c not in columns]
+            if missing:
+                raise ValueError(
+                    f"{name} lacks the column(s) {missing} that the UniSD config needs "
+                    f"(contrastive: args.unisd_negative_column; agreement: prompt and "
+                    f"privileged_context)"
+                )
+
+    def extend_batch(self, batch: dict, inputs: list[dict]) -> dict:
+        """Add the teacher inputs of the K agreement views, of the negative context, and
+        with token normalisation the loss-token count of each row's optimizer step."""
+        cfg = self.unisd_config
+        prompts = [example["prompt"] for example in inputs]
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+        training = self.model.training
+        if cfg.needs_views:
+            seed = f"unisd-views:{self.args.seed}:{self.args.process_index}:"
+            rng = random.Random(seed + f"{self.state.global_step}:{training}")
+            contexts = other_contexts(self.train_dataset, prompts, self.args.unisd_num_views, rng)
+            pieces = [
+                self.build_teacher_inputs(
+                    prompts, [row[k] for row in contexts], completion_ids, completion_mask
+                )
+                for k in range(self.args.unisd_num_views)
+            ]
+            ids, mask = stack_left_padded(pieces, self.pad_token_id)
+            batch["unisd_view_input_ids"], batch["unisd_view_attention_mask"] = ids, mask
+        if cfg.needs_negative:
+            negatives = [example[self.args.unisd_negative_column] for example in inputs]
+            ids, mask = self.build_teacher_inputs(
+                prompts, negatives, completion_ids, completion_mask
+            )
+            batch["unisd_negative_input_ids"], batch["unisd_negative_attention_mask"] = ids, mask
+        if cfg.normalize == "token" and training:
+            batch["unisd_num_items"] = step_token_counts(
+                self.loss_mask(completion_mask),
+                self.args.steps_per_generation,
+                self.args.gradient_accumulation_steps,
+                self.accelerator.gather,
+            )
+        return batch
+
+    def _forward(self, model, input_ids, attention_mask, length: int, hidden: bool):
+        """Logits (B, T, V) predicting the last ``length`` tokens, and with ``hidden`` the
+        last hidden states (B, T, H) at the same positions."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if "logits_to_keep" in self.model_kwarg_keys:
+            kwargs["logits_to_keep"] = length + 1
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        out = model(**kwargs)
+        logits = out.logits[:, :-1][:, -length:]
+        states = out.hidden_states[-1][:, -length - 1 : -1] if hidden else None
+        return logits, states
+
+    def _items(self, inputs, num_items_in_batch, training: bool):
+        """The token count of ``normalize="token"`` and the factor that undoes the
+        cross-process gradient average (None, 1 when the loss is a batch mean)."""
+        if self.unisd_config.normalize != "token" or not training:
+            return None, 1
+        if num_items_in_batch is not None:
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            return num_items_in_batch, scale
+        return inputs["unisd_num_items"][0], self.accelerator.num_processes
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("UniSDSDFTTrainer does not support returning outputs")
+        cfg = self.unisd_config
+        completion_ids = inputs["completion_ids"]
+        length = completion_ids.size(1)
+        loss_mask = self.loss_mask(inputs["completion_mask"])
+        labels = completion_ids.masked_fill(loss_mask == 0, cfg.ignore_index)
+        student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        student_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        items, scale = self._items(inputs, num_items_in_batch, model.training)
+
+        student_logits, student_hidden = self._forward(
+            model, student_ids, student_mask, length, cfg.needs_hidden
+        )
+        extra = {}
+        teacher = self.teacher_model
+        with torch.no_grad(), self.teacher_context():
+            teacher_logits, teacher_hidden = self._forward(
+                teacher,
+                inputs["teacher_input_ids"],
+                inputs["teacher_attention_mask"],
+                length,
+                cfg.needs_hidden,
+            )
+            if cfg.needs_views:
+                view_ids = inputs["unisd_view_input_ids"]
+                view_mask = inputs["unisd_view_attention_mask"]
+                extra["view_logprobs"] = torch.stack(
+                    [
+                        label_logprobs(
+                            self._forward(teacher, view_ids[:, k], view_mask[:, k], length, False)[
+                                0
+                            ],
+                            labels,
+                            cfg.view_temperature,
+                        )
+                        for k in range(view_ids.size(1))
+                    ]
+                )
+            if cfg.needs_negative:
+                negative_logits, _ = self._forward(
+                    teacher,
+                    inputs["unisd_negative_input_ids"],
+                    inputs["unisd_negative_attention_mask"],
+                    length,
+                    False,
+                )
+                extra["negative_logprobs"] = label_logprobs(
+                    negative_logits, labels, cfg.temperature
+                )
+        out = unisd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            student_hidden=student_hidden,
+            teacher_hidden=teacher_hidden,
+            config=cfg,
+            num_items_in_batch=items,
+            impl=self.args.unisd_impl,
+            **extra,
+        )
+        self._log_unisd(model.training, out, loss_mask)
+        loss = out.loss
+        if model.training:
+            loss = loss * scale if items is not None else loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def _log_unisd(self, training: bool, out, loss_mask):
+        tokens = loss_mask.sum().clamp(min=1).to(torch.float32)
+        values = torch.stack(
+            [
+                out.kd.float(),
+                out.contrastive.float(),
+                out.feature.float(),
+                out.clipped.sum().float() / tokens,
+                out.token_weight.sum().float() / tokens,
+            ]
+        )
+        values = self.accelerator.gather(values.unsqueeze(0)).mean(dim=0).tolist()
+        metrics = dict(zip(METRICS, values, strict=True))
+        self.record_metrics("train" if training else "eval", metrics["unisd/kd"], metrics)
