@@ -215,9 +215,11 @@ class UniSDSDFTTrainer(SDFTBridge):
         )
         self._log_unisd(model.training, out, loss_mask)
         loss = out.loss
-        if model.training:
-            loss = loss * scale if items is not None else loss / self.current_gradient_accumulation_steps
-        return loss
+        if not model.training:
+            return loss
+        if items is not None:
+            return loss * scale
+        return loss / self.current_gradient_accumulation_steps
 
     def _log_unisd(self, training: bool, out, loss_mask):
         tokens = loss_mask.sum().clamp(min=1).to(torch.float32)

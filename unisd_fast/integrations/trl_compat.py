@@ -2,9 +2,10 @@
 
 The integration needs what SDFTTrainer has no public hook for: adding keys to the rollout
 batch, building teacher prompts for other contexts, the pad id, routing a forward to the
-teacher's weights, recording metrics, and SDFT's loss-token mask. They are wrapped here as public methods of ``SDFTBridge``; the trainer in
-``trl.py`` touches nothing private of TRL's. A TRL release outside ``SUPPORTED_TRL`` may
-rename them: then only this file needs to change.
+teacher's weights, recording metrics, and SDFT's loss-token mask. They are wrapped here as
+public methods of ``SDFTBridge``; the trainer in ``trl.py`` touches nothing private of
+TRL's. A TRL release outside ``SUPPORTED_TRL`` may rename them: then only this file needs
+to change.
 """
 
 from __future__ import annotations

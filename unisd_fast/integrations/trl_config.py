@@ -187,7 +187,8 @@ class UniSDSDFTConfig(SDFTConfig):
                 "num_iterations * steps_per_generation does not divide "
                 "gradient_accumulation_steps)"
             )
-        if cfg.normalize == "token" and self.steps_per_generation % self.gradient_accumulation_steps:
+        whole_steps = self.steps_per_generation % self.gradient_accumulation_steps == 0
+        if cfg.normalize == "token" and not whole_steps:
             raise ValueError(
                 "UniSDSDFTConfig.unisd_normalize='token' needs steps_per_generation "
                 f"({self.steps_per_generation}) to be a multiple of gradient_accumulation_steps "
