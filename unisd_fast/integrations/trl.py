@@ -47,8 +47,6 @@ class UniSDSDFTTrainer(SDFTBridge):
     also the ``args.unisd_negative_column`` column.
     """
 
-    _tag_names = ["trl", "sdft", "unisd"]
-    _name = "UniSD SDFT"
     config_cls = UniSDSDFTConfig
 
     def __init__(

@@ -30,6 +30,9 @@ if not SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]:
 class SDFTBridge(SDFTTrainer):
     """SDFTTrainer with its private hooks exposed under stable names."""
 
+    _tag_names = ["trl", "sdft", "unisd"]
+    _name = "UniSD SDFT"
+
     def _prepare_training_batch(self, inputs):
         batch = super()._prepare_training_batch(inputs)
         return self.extend_batch(batch, inputs)
