@@ -39,6 +39,7 @@ COMMON = {
     "logging_steps": 1,
     "save_strategy": "no",
     "use_cpu": True,
+    "bf16": False,
     "seed": 0,
     "learning_rate": 1e-2,
 }
@@ -64,10 +65,36 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def perturb(model):
+    """A student away from its base teacher: divergences far from 0."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+
+
+def loss_and_grads(trainer, model, batch):
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def assert_same(a, b):
+    (loss_a, grad_a), (loss_b, grad_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-7)
+    assert grad_a.keys() == grad_b.keys() and grad_a
+    for name in grad_a:
+        torch.testing.assert_close(
+            grad_a[name], grad_b[name], rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
 @pytest.mark.parametrize(
-    ("alpha", "temperature"), [(0.0, 0.7), (0.5, 1.0), (0.3, 0.7), (1.0, 1.3)]
+    ("alpha", "temperature", "path"),
+    [(0.0, 0.7, "linear"), (0.5, 1.0, "logits"), (0.3, 0.7, "linear"), (1.0, 1.3, "logits")],
 )
-def test_loss_and_gradients_equal_sdft_full_logits(base, data, tmp_path, alpha, temperature):
+def test_loss_and_gradients_equal_sdft_full_logits(base, data, tmp_path, alpha, temperature, path):
     options = dict(
         COMMON,
         output_dir=str(tmp_path),
@@ -78,7 +105,10 @@ def test_loss_and_gradients_equal_sdft_full_logits(base, data, tmp_path, alpha, 
     )
     model, tokenizer = model_of(base), tiny_tokenizer(base)
     ours = UniSDSDFTTrainer(
-        model, UniSDSDFTConfig(**options), train_dataset=data, processing_class=tokenizer
+        model,
+        UniSDSDFTConfig(**options, unisd_loss_path=path),
+        train_dataset=data,
+        processing_class=tokenizer,
     )
     theirs = SDFTTrainer(
         model,
@@ -89,25 +119,46 @@ def test_loss_and_gradients_equal_sdft_full_logits(base, data, tmp_path, alpha, 
     cfg = ours.unisd_config
     assert cfg.divergence == divergence_of_alpha(alpha)["divergence"]
     assert cfg.temperature == temperature
-    with torch.no_grad():  # a student away from its base teacher: divergences far from 0
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    perturb(model)
     model.train()
     batch = ours._prepare_training_batch([data[i] for i in (0, 0, 1, 1)])
     assert batch["completion_mask"].sum() > 0
-    results = []
-    for trainer in (ours, theirs):
-        trainer.current_gradient_accumulation_steps = 2
-        model.zero_grad(set_to_none=True)
-        loss = trainer.compute_loss(model, batch)
-        loss.backward()
-        results.append((loss.detach(), grads(model)))
-    (loss_a, grad_a), (loss_b, grad_b) = results
-    assert loss_b > 1e-2
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-7)
-    assert grad_a.keys() == grad_b.keys() and grad_a
-    for name in grad_a:
-        torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-4, atol=1e-7, msg=name)
+    expected = loss_and_grads(theirs, model, batch)
+    assert expected[0] > 1e-2
+    assert_same(loss_and_grads(ours, model, batch), expected)
+    assert ours.unisd_path == path
+
+
+def test_linear_and_logits_paths_agree_with_every_mechanism_on(base, data, tmp_path):
+    options = dict(
+        COMMON,
+        output_dir=str(tmp_path),
+        unisd_preset="unisd_star",
+        unisd_agreement_gamma=1.0,
+        unisd_contrastive_weight=0.5,
+        unisd_feature_weight=0.5,
+        unisd_clip_quantile=0.8,
+        unisd_num_views=3,
+        temperature=0.8,
+        teacher_model_kind="base",
+    )
+    model, tokenizer = model_of(base), tiny_tokenizer(base)
+    trainers = [
+        UniSDSDFTTrainer(
+            model,
+            UniSDSDFTConfig(**options, unisd_loss_path=path),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        for path in ("logits", "linear")
+    ]
+    perturb(model)
+    model.train()
+    batch = trainers[0]._prepare_training_batch([data[i] for i in (0, 0, 1, 1)])
+    assert batch["unisd_view_input_ids"].shape[:2] == (4, 3)
+    logits, linear = (loss_and_grads(t, model, batch) for t in trainers)
+    assert_same(linear, logits)
+    assert [t.unisd_path for t in trainers] == ["logits", "linear"]
 
 
 def test_unisd_star_trains_and_resumes_from_checkpoint(base, data, tmp_path):
@@ -133,7 +184,7 @@ def test_unisd_star_trains_and_resumes_from_checkpoint(base, data, tmp_path):
     trainer = UniSDSDFTTrainer(base, args, train_dataset=data, processing_class=tokenizer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 2 and trainer.unisd_path == "linear"
     logs = [entry for entry in trainer.state.log_history if "unisd/feature" in entry]
     assert len(logs) == 2
     for entry in logs:

@@ -3,7 +3,9 @@
 Rollouts (transformers or vLLM), teacher kinds (base / live / EMA, PEFT adapters),
 accelerate, logging and checkpoints stay TRL's. This module replaces only the loss: it adds
 the agreement views and the negative context to TRL's rollout batch, and computes the loss
-with ``unisd_fast.unisd_loss`` on the model's logits. Needs ``pip install unisd-fast[trl]``.
+with ``unisd_fast.unisd_linear_loss`` on last hidden states and the output layer (no logits
+materialised), or ``unisd_fast.unisd_loss`` on the model's logits where the fused-linear
+form does not apply. Needs ``pip install unisd-fast[trl]``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import random
 import torch
 from accelerate.logging import get_logger
 
-from ..losses import unisd_loss
+from .. import unisd_linear_loss, unisd_loss
 from .trl_batch import other_contexts, stack_left_padded, step_token_counts
 from .trl_compat import SUPPORTED_TRL, SDFTBridge
 from .trl_config import UniSDSDFTConfig, divergence_of_alpha
+from .trl_head import LinearHead, head_mismatch, output_head
 
 __all__ = ["SUPPORTED_TRL", "UniSDSDFTConfig", "UniSDSDFTTrainer", "divergence_of_alpha"]
 
@@ -74,6 +77,7 @@ class UniSDSDFTTrainer(SDFTBridge):
             optimizers=optimizers,
             peft_config=peft_config,
         )
+        self.unisd_path: str | None = None  # "linear" or "logits", chosen on the first batch
 
     def _check_columns(self, args, train_dataset, eval_dataset):
         needed = []
@@ -126,18 +130,19 @@ class UniSDSDFTTrainer(SDFTBridge):
             )
         return batch
 
-    def _forward(self, model, input_ids, attention_mask, length: int, hidden: bool):
-        """Logits (B, T, V) predicting the last ``length`` tokens, and with ``hidden`` the
-        last hidden states (B, T, H) at the same positions."""
+    def _forward(self, model, input_ids, attention_mask, length: int, logits: bool, hidden: bool):
+        """Model outputs at the positions predicting the last ``length`` tokens: the logits
+        (B, T, V) when ``logits`` (else only the last position's are computed, where the model
+        allows), the last hidden states (B, T, H) when ``hidden``; and the raw output."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "logits_to_keep" in self.model_kwarg_keys:
-            kwargs["logits_to_keep"] = length + 1
+            kwargs["logits_to_keep"] = length + 1 if logits else 1
         if hidden:
             kwargs["output_hidden_states"] = True
         out = model(**kwargs)
-        logits = out.logits[:, :-1][:, -length:]
+        kept = out.logits[:, :-1][:, -length:] if logits else None
         states = out.hidden_states[-1][:, -length - 1 : -1] if hidden else None
-        return logits, states
+        return kept, states, out
 
     def _items(self, inputs, num_items_in_batch, training: bool):
         """The token count of ``normalize="token"`` and the factor that undoes the
@@ -149,58 +154,111 @@ class UniSDSDFTTrainer(SDFTBridge):
             return num_items_in_batch, scale
         return inputs["unisd_num_items"][0], self.accelerator.num_processes
 
+    def _head(self, model) -> LinearHead | str:
+        return output_head(self.accelerator.unwrap_model(model))
+
+    def _linear_blocker(self, model, input_ids, attention_mask) -> str | None:
+        """Why the fused-linear path cannot compute this model's loss, or None."""
+        if self.is_fsdp_enabled:
+            return "FSDP shards the output layer's weight"
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        if plugin is not None and plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3 shards the output layer's weight"
+        for name, candidate in (("the student", model), ("the teacher", self.teacher_model)):
+            head = self._head(candidate)
+            if isinstance(head, str):
+                return f"{name}: {head}"
+        with torch.no_grad():
+            _, _, out = self._forward(model, input_ids[:1], attention_mask[:1], 1, False, True)
+        return head_mismatch(
+            self._head(model), out.hidden_states[-1][:, -1], out.logits[:, -1]
+        )
+
+    def _loss_path(self, model, input_ids, attention_mask) -> str:
+        """``args.unisd_loss_path`` resolved on the first batch: "linear" or "logits"."""
+        if self.unisd_path is None:
+            wanted = self.args.unisd_loss_path
+            reason = None
+            if wanted != "logits":
+                reason = self._linear_blocker(model, input_ids, attention_mask)
+            if reason is not None and wanted == "linear":
+                raise ValueError(f"unisd_loss_path='linear' does not apply to this model: {reason}")
+            if reason is not None:
+                logger.warning(f"UniSD loss on the logits path: {reason}")
+            self.unisd_path = "logits" if wanted == "logits" or reason else "linear"
+        return self.unisd_path
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("UniSDSDFTTrainer does not support returning outputs")
-        cfg = self.unisd_config
         completion_ids = inputs["completion_ids"]
-        length = completion_ids.size(1)
         loss_mask = self.loss_mask(inputs["completion_mask"])
-        labels = completion_ids.masked_fill(loss_mask == 0, cfg.ignore_index)
+        labels = completion_ids.masked_fill(loss_mask == 0, self.unisd_config.ignore_index)
         student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         student_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         items, scale = self._items(inputs, num_items_in_batch, model.training)
+        step = self._linear_loss
+        if self._loss_path(model, student_ids, student_mask) == "logits":
+            step = self._logits_loss
+        out = step(model, inputs, labels, student_ids, student_mask, items)
+        self._log_unisd(model.training, out, loss_mask)
+        loss = out.loss
+        if not model.training:
+            return loss
+        if items is not None:
+            return loss * scale
+        return loss / self.current_gradient_accumulation_steps
 
-        student_logits, student_hidden = self._forward(
-            model, student_ids, student_mask, length, cfg.needs_hidden
+    def _views_and_negative(self, inputs, length: int, logits: bool):
+        """The teacher's outputs on the K views, (K, B, T, ...), and on the negative,
+        (B, T, ...): logits when ``logits`` else last hidden states; None where the config
+        needs none. Run under no_grad and the teacher context."""
+        cfg, teacher = self.unisd_config, self.teacher_model
+        views = negative = None
+        if cfg.needs_views:
+            ids, mask = inputs["unisd_view_input_ids"], inputs["unisd_view_attention_mask"]
+            if logits:  # one view at a time: each holds B x T x V logits
+                views = [
+                    self._forward(teacher, i, m, length, True, False)[0]
+                    for i, m in zip(ids.unbind(1), mask.unbind(1), strict=True)
+                ]
+            else:  # the K views batched: (K * B, L), view-major
+                flat_ids = ids.transpose(0, 1).flatten(0, 1)
+                flat_mask = mask.transpose(0, 1).flatten(0, 1)
+                hidden = self._forward(teacher, flat_ids, flat_mask, length, False, True)[1]
+                views = hidden.unflatten(0, (ids.size(1), ids.size(0)))
+        if cfg.needs_negative:
+            ids = inputs["unisd_negative_input_ids"]
+            mask = inputs["unisd_negative_attention_mask"]
+            negative = self._forward(teacher, ids, mask, length, logits, not logits)[
+                0 if logits else 1
+            ]
+        return views, negative
+
+    def _logits_loss(self, model, inputs, labels, student_ids, student_mask, items):
+        """unisd_loss on the model's logits; views and negative as label log-probs."""
+        cfg, length = self.unisd_config, labels.size(1)
+        student_logits, student_hidden, _ = self._forward(
+            model, student_ids, student_mask, length, True, cfg.needs_hidden
         )
         extra = {}
-        teacher = self.teacher_model
         with torch.no_grad(), self.teacher_context():
-            teacher_logits, teacher_hidden = self._forward(
-                teacher,
+            teacher_logits, teacher_hidden, _ = self._forward(
+                self.teacher_model,
                 inputs["teacher_input_ids"],
                 inputs["teacher_attention_mask"],
                 length,
+                True,
                 cfg.needs_hidden,
             )
-            if cfg.needs_views:
-                view_ids = inputs["unisd_view_input_ids"]
-                view_mask = inputs["unisd_view_attention_mask"]
+            views, negative = self._views_and_negative(inputs, length, logits=True)
+            if views is not None:
                 extra["view_logprobs"] = torch.stack(
-                    [
-                        label_logprobs(
-                            self._forward(teacher, view_ids[:, k], view_mask[:, k], length, False)[
-                                0
-                            ],
-                            labels,
-                            cfg.view_temperature,
-                        )
-                        for k in range(view_ids.size(1))
-                    ]
+                    [label_logprobs(v, labels, cfg.view_temperature) for v in views]
                 )
-            if cfg.needs_negative:
-                negative_logits, _ = self._forward(
-                    teacher,
-                    inputs["unisd_negative_input_ids"],
-                    inputs["unisd_negative_attention_mask"],
-                    length,
-                    False,
-                )
-                extra["negative_logprobs"] = label_logprobs(
-                    negative_logits, labels, cfg.temperature
-                )
-        out = unisd_loss(
+            if negative is not None:
+                extra["negative_logprobs"] = label_logprobs(negative, labels, cfg.temperature)
+        return unisd_loss(
             student_logits,
             teacher_logits,
             labels,
@@ -211,13 +269,41 @@ class UniSDSDFTTrainer(SDFTBridge):
             impl=self.args.unisd_impl,
             **extra,
         )
-        self._log_unisd(model.training, out, loss_mask)
-        loss = out.loss
-        if not model.training:
-            return loss
-        if items is not None:
-            return loss * scale
-        return loss / self.current_gradient_accumulation_steps
+
+    def _linear_loss(self, model, inputs, labels, student_ids, student_mask, items):
+        """unisd_linear_loss on last hidden states and the output layers: no logits."""
+        length = labels.size(1)
+        _, student_hidden, _ = self._forward(model, student_ids, student_mask, length, False, True)
+        student = self._head(model)
+        with torch.no_grad(), self.teacher_context():
+            _, teacher_hidden, _ = self._forward(
+                self.teacher_model,
+                inputs["teacher_input_ids"],
+                inputs["teacher_attention_mask"],
+                length,
+                False,
+                True,
+            )
+            views, negative = self._views_and_negative(inputs, length, logits=False)
+            teacher = self._head(self.teacher_model)
+        # Hidden states in their head's dtype (under autocast they may differ from it).
+        as_teacher = lambda h: None if h is None else h.to(teacher.weight.dtype)
+        return unisd_linear_loss(
+            student_hidden.to(student.weight.dtype),
+            student.weight,
+            as_teacher(teacher_hidden),
+            teacher.weight,
+            labels,
+            student_bias=student.bias,
+            teacher_bias=teacher.bias,
+            view_hidden=as_teacher(views),
+            negative_hidden=as_teacher(negative),
+            logit_softcap=student.softcap,
+            logit_scale=student.scale,
+            config=self.unisd_config,
+            num_items_in_batch=items,
+            impl=self.args.unisd_impl,
+        )
 
     def _log_unisd(self, training: bool, out, loss_mask):
         tokens = loss_mask.sum().clamp(min=1).to(torch.float32)
