@@ -5,11 +5,13 @@
 
 Each variant trains in its own subprocess on the same model, data, seed and steps. Per
 variant: median seconds per optimizer step, of which the rollout (generation and teacher
-prompt building), and the peak memory of training: on CUDA ``max_memory_allocated``, on CPU
-the growth of the process's peak resident set during ``train()`` (coarse, but per process).
-Variants: ``sdft`` = SDFTTrainer full_logits; ``unisd`` = the subclass with every UniSD
-mechanism off (same objective: forward KL via distillation_alpha=0); ``unisd_star`` = the
-subclass with the UniSD* preset (views, negative, features: more teacher forwards).
+prompt building), and the largest peak memory of a timed step above the step's start (see
+PeakMemory; the optimizer state exists by then, so this is activations, logits and
+gradients).
+Variants: ``sdft`` = SDFTTrainer full_logits; ``unisd_logits`` / ``unisd_linear`` = the
+subclass with every UniSD mechanism off (the same objective: forward KL via
+distillation_alpha=0) on its logits / fused-linear path; ``unisd_star`` = the subclass with
+the UniSD* preset (three views, negative, features: more teacher forwards), path "auto".
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -33,7 +35,7 @@ SHAPES = {
     "tiny": (64, None, 4, 4, None, 2, False),
     "qwen2.5-0.5b": (896, 4864, 14, 2, 151936, 24, True),
 }
-VARIANTS = ("sdft", "unisd", "unisd_star")
+VARIANTS = ("sdft", "unisd_logits", "unisd_linear", "unisd_star")
 
 
 def build_model(folder: str, shape: str, layers: int | None) -> None:
@@ -67,6 +69,48 @@ def build_model(folder: str, shape: str, layers: int | None) -> None:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+class PeakMemory:
+    """Peak memory of one training step above its start, in MiB: on CUDA from the caching
+    allocator's statistics; on CPU the peak resident set, sampled every 0.2 ms by a thread
+    (the worker runs with MALLOC_MMAP_THRESHOLD_ fixed, so freed large tensors leave the
+    resident set at once)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.running = False
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.0002)
+
+    def start(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> float:
+        if self.cuda:
+            import torch
+
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        self.running = False
+        self.thread.join()
+        return (max(self.peak, self.rss()) - self.base) / 2**20
 
 
 def run_variant(opts) -> dict:
@@ -105,15 +149,18 @@ def run_variant(opts) -> dict:
         args = SDFTConfig(**common, distillation_mode="full_logits", distillation_is_clip=None)
         trainer_cls = SDFTTrainer
     else:
-        extra = {"unisd_preset": "unisd_star", "unisd_num_views": 3}
-        unisd = extra if opts.variant == "unisd_star" else {}
+        unisd = {
+            "unisd_logits": {"unisd_loss_path": "logits"},
+            "unisd_linear": {"unisd_loss_path": "linear"},
+            "unisd_star": {"unisd_preset": "unisd_star", "unisd_num_views": 3},
+        }[opts.variant]
         args = UniSDSDFTConfig(**common, **unisd)
         trainer_cls = UniSDSDFTTrainer
     data = facts_dataset(seed=0)
     trainer = trainer_cls(
         opts.model, args, train_dataset=data, processing_class=tiny_tokenizer(opts.model)
     )
-    rollout = []
+    rollout, steps, peaks = [], [], []
     prepare = trainer._prepare_inputs
 
     def timed_prepare(batch):
@@ -123,10 +170,11 @@ def run_variant(opts) -> dict:
         return out
 
     trainer._prepare_inputs = timed_prepare
-    steps = []
+    memory = PeakMemory(cuda)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            memory.start()
             rollout.append(0.0)
             steps.append(-time.perf_counter())
 
@@ -134,24 +182,17 @@ def run_variant(opts) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             steps[-1] += time.perf_counter()
+            peaks.append(memory.stop())
 
     trainer.add_callback(Clock())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trainer.train()
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**10
     timed = slice(opts.warmup, None)
     step = statistics.median(steps[timed])
     return {
         "variant": opts.variant,
         "step_s": step,
         "rollout_s": statistics.median(rollout[timed]),
-        "peak_mib": peak,
+        "peak_mib": max(peaks[timed]),
         "loss_path": getattr(trainer, "unisd_path", "-"),
     }
 
@@ -188,7 +229,8 @@ def main(argv=None):
         for _, variant in itertools.product(range(opts.repeats), opts.variants.split(",")):
             cmd = [sys.executable, "-m", "benchmarks.trl_bench", *(argv or sys.argv[1:]),
                    "--variant", variant, "--model", model, "--tmp", os.path.join(tmp, variant)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not lines:
                 sys.stderr.write(out.stderr[-4000:])
