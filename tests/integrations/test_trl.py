@@ -129,6 +129,40 @@ def test_loss_and_gradients_equal_sdft_full_logits(base, data, tmp_path, alpha, 
     assert ours.unisd_path == path
 
 
+def test_lora_student_with_base_teacher_equals_sdft(base, data, tmp_path):
+    """PEFT: the base teacher is the student with its adapter disabled (TRL's teacher
+    context); both trainers get identically initialised adapters (TRL seeds before PEFT)."""
+    peft = pytest.importorskip("peft")
+    options = dict(COMMON, output_dir=str(tmp_path), teacher_model_kind="base", temperature=0.7)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    tokenizer = tiny_tokenizer(base)
+    ours = UniSDSDFTTrainer(
+        model_of(base), UniSDSDFTConfig(**options, distillation_alpha=0.0),
+        train_dataset=data, processing_class=tokenizer, peft_config=lora,
+    )
+    theirs = SDFTTrainer(
+        model_of(base),
+        SDFTConfig(**options, distillation_alpha=0.0, distillation_mode="full_logits"),
+        train_dataset=data, processing_class=tokenizer, peft_config=lora,
+    )
+    for trainer in (ours, theirs):  # move the adapters off zero, identically
+        torch.manual_seed(1)
+        perturb_lora(trainer.model)
+        trainer.model.train()
+    batch = ours._prepare_training_batch([data[i] for i in (2, 2, 5, 5)])
+    expected = loss_and_grads(theirs, theirs.model, batch)
+    assert expected[0] > 1e-3 and all("lora" in name for name in expected[1])
+    assert_same(loss_and_grads(ours, ours.model, batch), expected)
+    assert ours.unisd_path == "linear"
+
+
+def perturb_lora(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+
+
 def test_linear_and_logits_paths_agree_with_every_mechanism_on(base, data, tmp_path):
     options = dict(
         COMMON,
