@@ -156,6 +156,28 @@ def test_lora_student_with_base_teacher_equals_sdft(base, data, tmp_path):
     assert ours.unisd_path == "linear"
 
 
+def test_bf16_mixed_precision_runs_the_head_in_bf16_on_the_linear_path(base, data, tmp_path):
+    options = dict(COMMON, output_dir=str(tmp_path), bf16=True, teacher_model_kind="base")
+    model, tokenizer = model_of(base), tiny_tokenizer(base)
+    trainers = [
+        UniSDSDFTTrainer(
+            model,
+            UniSDSDFTConfig(**options, unisd_loss_path=path),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        for path in ("auto", "logits")
+    ]
+    assert trainers[0].accelerator.mixed_precision == "bf16"
+    perturb(model)
+    model.train()
+    batch = trainers[0]._prepare_training_batch([data[i] for i in (0, 0, 1, 1)])
+    (linear, _), (logits, _) = (loss_and_grads(t, model, batch) for t in trainers)
+    assert trainers[0].unisd_path == "linear"
+    assert trainers[0]._head(model).weight.dtype == torch.bfloat16
+    torch.testing.assert_close(linear, logits, rtol=2e-2, atol=1e-4)
+
+
 def perturb_lora(model):
     with torch.no_grad():
         for name, p in model.named_parameters():

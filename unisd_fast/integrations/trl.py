@@ -19,7 +19,7 @@ from .. import unisd_linear_loss, unisd_loss
 from .trl_batch import other_contexts, stack_left_padded, step_token_counts
 from .trl_compat import SUPPORTED_TRL, SDFTBridge
 from .trl_config import UniSDSDFTConfig, divergence_of_alpha
-from .trl_head import LinearHead, head_mismatch, output_head
+from .trl_head import LinearHead, compute_dtype, head_mismatch, output_head
 
 __all__ = ["SUPPORTED_TRL", "UniSDSDFTConfig", "UniSDSDFTTrainer", "divergence_of_alpha"]
 
@@ -155,7 +155,20 @@ class UniSDSDFTTrainer(SDFTBridge):
         return inputs["unisd_num_items"][0], self.accelerator.num_processes
 
     def _head(self, model) -> LinearHead | str:
-        return output_head(self.accelerator.unwrap_model(model))
+        """The model's output layer (in the dtype its GEMM runs in), or why it has none."""
+        head = output_head(self.accelerator.unwrap_model(model))
+        if isinstance(head, str):
+            return head
+        return head.cast(compute_dtype(head.weight, self.accelerator.mixed_precision))
+
+    def _heads(self, model) -> tuple[LinearHead, LinearHead]:
+        """Student and teacher heads; one object when they share their weight and bias, so
+        that the loss sees the very same tensors (one GEMM for both)."""
+        raw = [output_head(self.accelerator.unwrap_model(m)) for m in (model, self.teacher_model)]
+        student = self._head(model)
+        if raw[1].weight is raw[0].weight and raw[1].bias is raw[0].bias:
+            return student, student
+        return student, self._head(self.teacher_model)
 
     def _linear_blocker(self, model, input_ids, attention_mask) -> str | None:
         """Why the fused-linear path cannot compute this model's loss, or None."""
@@ -274,7 +287,7 @@ class UniSDSDFTTrainer(SDFTBridge):
         """unisd_linear_loss on last hidden states and the output layers: no logits."""
         length = labels.size(1)
         _, student_hidden, _ = self._forward(model, student_ids, student_mask, length, False, True)
-        student = self._head(model)
+        student, teacher = self._heads(model)
         with torch.no_grad(), self.teacher_context():
             _, teacher_hidden, _ = self._forward(
                 self.teacher_model,
@@ -285,7 +298,6 @@ class UniSDSDFTTrainer(SDFTBridge):
                 True,
             )
             views, negative = self._views_and_negative(inputs, length, logits=False)
-            teacher = self._head(self.teacher_model)
         # Hidden states in their head's dtype (under autocast they may differ from it).
         as_teacher = lambda h: None if h is None else h.to(teacher.weight.dtype)
         return unisd_linear_loss(
