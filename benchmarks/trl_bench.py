@@ -236,6 +236,7 @@ def main(argv=None):
                 sys.stderr.write(out.stderr[-4000:])
                 raise SystemExit(f"variant {variant} failed")
             runs.setdefault(variant, []).append(json.loads(lines[-1][len("RESULT "):]))
+            print(f"done: {runs[variant][-1]}", file=sys.stderr, flush=True)
     rows = [min(r, key=lambda x: x["step_s"]) for r in runs.values()]
     first = rows[0]
     layers = opts.layers or SHAPES[opts.shape][5]
