@@ -5,17 +5,21 @@ score [teacher prompt, y], the K views and the negative without gradient, forwar
 student on [prompt, y], and backpropagate ``unisd_loss`` over y's positions divided by the
 accumulation steps; then clip, AdamW, cosine schedule, and the EMA teacher update.
 
-``run(cfg)`` is the programmatic entry (it returns a summary dict); ``cli.main(argv)``
-parses the command line into a TrainConfig and calls it.
+``run(cfg)`` is the programmatic entry (it returns a summary dict): it locks the output
+folder, checks the environment, data and resumed checkpoint before building anything, runs
+the task's one-off preparation, then ``train``. ``cli.main(argv)`` parses the command line
+into a TrainConfig and calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -30,17 +34,20 @@ from .. import unisd_loss
 from .checkpoint import (
     find_checkpoint,
     list_checkpoints,
-    load_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from .config import TrainConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, limit_eval_prompts
+from .guard import StepGuard, check_finite
+from .lock import output_dir_lock
 from .models.tiny import build_tiny_model, build_tokenizer
+from .preflight import preflight
 from .prompts import PromptEncoder
+from .resume import check_compatible, check_state_file, continue_schedule, read_config, read_state
 from .rollout import generate, generation_config, right_pad
-from .tasks import Task, load_task
+from .tasks import Task, builtin_task, load_task, prepare_task
 from .teachers import EMATeacher, Scorer, completion_forward
 
 log = logging.getLogger("unisd_fast.train")
@@ -156,17 +163,16 @@ def prepare_items(task: Task, encode: PromptEncoder, cfg: TrainConfig, eos_id: i
         negative = None
         if ex.negative is not None:
             negative = encode(task.templates.teacher_text(ex.prompt, ex.negative))
-        if max(len(teacher), len(negative or [])) > cfg.max_prompt_tokens:
+        student = encode(ex.prompt)
+        if max(len(student), len(teacher), len(negative or [])) > cfg.max_prompt_tokens:
             too_long += 1
             continue
         items.append(
-            Item(
-                i, encode(ex.prompt), teacher, negative, encode.completion(ex.demonstration, eos_id)
-            )
+            Item(i, student, teacher, negative, encode.completion(ex.demonstration, eos_id))
         )
     if no_negative or too_long:
         log.info(
-            "dropped %d examples without a negative, %d with a prompt over %d tokens",
+            "dropped %d training examples without a negative, %d with a prompt over %d tokens",
             no_negative,
             too_long,
             cfg.max_prompt_tokens,
@@ -342,11 +348,65 @@ def check_output_dir(cfg: TrainConfig):
     return resume_from, stale
 
 
+@contextlib.contextmanager
+def cpu_threads(cfg: TrainConfig):
+    """The task's intra-op thread count for the block (CPU runs, OMP_NUM_THREADS unset)."""
+    entry = builtin_task(cfg.data)
+    before = torch.get_num_threads()
+    wanted = entry.cpu_threads if entry is not None else None
+    if wanted and "OMP_NUM_THREADS" not in os.environ and resolve_device(cfg).type == "cpu":
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def append_summary(output_dir, record: dict) -> None:
+    with (Path(output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "summary", **record}) + "\n")
+
+
 def run(cfg: TrainConfig, task: Task | None = None) -> dict:
     """Train as ``cfg`` says and return a summary: ``output_dir``, ``step``, ``train`` (the
     last step's metrics), ``first_eval`` and ``eval`` (first and last evaluation records),
-    ``checkpoint`` (last checkpoint folder) and ``wall_time_s``. ``task`` replaces the one
-    ``cfg.data`` names (see :mod:`unisd_fast.data`)."""
+    ``checkpoint`` (last checkpoint folder), ``wall_time_s`` (training), ``prepare_s`` (the
+    task's preparation) and ``total_wall_time_s``; the same goes to metrics.jsonl as a
+    ``summary`` record. ``task`` replaces the one ``cfg.data`` names (:mod:`.tasks`).
+
+    Before any model is built: the output folder is locked against other runs and cleared of
+    an interrupted run's temporary folders, and the environment, the data and the resumed
+    checkpoint are checked (:mod:`.preflight`, :mod:`.resume`)."""
+    cfg.validate()
+    started = time.perf_counter()
+    with output_dir_lock(cfg.output_dir), cpu_threads(cfg):
+        resume_from, _ = check_output_dir(cfg)
+        saved = None
+        if resume_from is not None:
+            saved = read_config(resume_from)
+            check_state_file(resume_from)
+        task = preflight(cfg, task)
+        cfg = prepare_task(cfg)
+        if saved is not None:
+            check_compatible(saved, cfg, resume_from)
+        prepare_s = time.perf_counter() - started
+        summary = train(cfg, task)
+        summary.update(prepare_s=prepare_s, total_wall_time_s=time.perf_counter() - started)
+        append_summary(
+            cfg.output_dir,
+            {
+                "method": cfg.method,
+                "before": summary["first_eval"],
+                "after": summary["eval"],
+                "pretrain_s": prepare_s,
+                "wall_time_s": summary["total_wall_time_s"],
+            },
+        )
+    return summary
+
+
+def train(cfg: TrainConfig, task: Task | None = None) -> dict:
+    """The training itself (see :func:`run`, which checks and prepares first)."""
     cfg.validate()
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -382,6 +442,7 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
 
     eos_ids = eos_ids_of(tokenizer, student)
     encode = PromptEncoder(tokenizer, cfg.chat_template)
+    task = limit_eval_prompts(task, encode, cfg.max_prompt_tokens, cfg.eval_teacher)
     pad_id = tokenizer.pad_token_id
     ctx = Context(
         cfg,
@@ -407,16 +468,18 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
 
     step, records, checkpoint = 0, [], None
     if resume_from is not None:
-        state = load_state(resume_from)
+        state = read_state(resume_from)
         load_trainable_state(student, state["student"], lora)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        continue_schedule(scheduler)
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, records, checkpoint = state["step"], state["records"], resume_from
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", resume_from, step)
     metrics = Metrics(out / "metrics.jsonl", list(records))
+    guard = StepGuard(cfg.max_bad_steps, records)
 
     def do_eval():
         record = {
@@ -430,6 +493,9 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
         )
 
     def do_save():
+        check_finite(trainable_state(student, lora), f"the student at step {step}")
+        if ema is not None:
+            check_finite(ema.model.state_dict(), f"the EMA teacher at step {step}")
         state = {
             "step": step,
             "student": trainable_state(student, lora),
@@ -461,10 +527,16 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
                 )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        nonfinite = guard.check([s["loss"] for s in micro_stats], grad_norm.item())
+        if nonfinite == "none":
+            optimizer.step()
+        else:
+            log.warning("step %d skipped: non-finite %s", step + 1, nonfinite)
         scheduler.step()
         step += 1
-        ema_updated = ema.maybe_update(student, step) if ema is not None else False
+        ema_updated = False
+        if ema is not None and nonfinite == "none":
+            ema_updated = ema.maybe_update(student, step)
         elapsed = time.perf_counter() - t0
         tokens = sum(s.pop("tokens") for s in micro_stats)
         record = {"kind": "train", "step": step}
@@ -478,8 +550,12 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
             step_time_s=elapsed,
             peak_mem_mb=peak_memory_mb(device),
             ema_updated=ema_updated,
+            skipped=nonfinite != "none",
+            nonfinite=nonfinite,
+            skipped_steps=guard.skipped,
         )
         metrics.write(record)
+        guard.stop_if_diverged(step, nonfinite)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if step == steps or (cfg.eval_every and step % cfg.eval_every == 0):
