@@ -1,0 +1,333 @@
+"""UniSD inside TRL: ``UniSDSDFTTrainer``, TRL's SDFTTrainer with the UniSD loss (docs/trl.md).
+
+Rollouts (transformers or vLLM), teacher kinds (base / live / EMA, PEFT adapters),
+accelerate, logging and checkpoints stay TRL's. This module replaces only the loss: it adds
+the agreement views and the negative context to TRL's rollout batch, and computes the loss
+with ``unisd_fast.unisd_linear_loss`` on last hidden states and the output layer (no logits
+materialised), or ``unisd_fast.unisd_loss`` on the model's logits where the fused-linear
+form does not apply. Needs ``pip install unisd-fast[trl]``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from accelerate.logging import get_logger
+
+from .. import unisd_linear_loss, unisd_loss
+from .trl_batch import other_contexts, stack_left_padded, step_token_counts
+from .trl_compat import SUPPORTED_TRL, SDFTBridge
+from .trl_config import UniSDSDFTConfig, divergence_of_alpha
+from .trl_head import LinearHead, compute_dtype, head_mismatch, output_head
+
+__all__ = ["SUPPORTED_TRL", "UniSDSDFTConfig", "UniSDSDFTTrainer", "divergence_of_alpha"]
+
+logger = get_logger(__name__)
+
+METRICS = (
+    "unisd/kd",
+    "unisd/contrastive",
+    "unisd/feature",
+    "unisd/clipped_fraction",
+    "unisd/agreement_weight",
+)
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """log softmax(logits / temperature)[label] in float32, (B, T); any value where the
+    label is ignored (negative)."""
+    scaled = logits.float() / temperature
+    picked = scaled.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+class UniSDSDFTTrainer(SDFTBridge):
+    """SDFTTrainer whose loss is the UniSD loss of ``args.unisd_loss_config()``.
+
+    Takes SDFTTrainer's arguments; ``args`` must be a UniSDSDFTConfig. The dataset needs
+    ``prompt`` and ``privileged_context`` columns as for SDFT, and with a contrastive weight
+    also the ``args.unisd_negative_column`` column.
+    """
+
+    config_cls = UniSDSDFTConfig
+
+    def __init__(
+        self,
+        model,
+        args: UniSDSDFTConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if not isinstance(args, UniSDSDFTConfig):
+            raise TypeError(f"args must be a UniSDSDFTConfig, got {type(args).__name__}")
+        self.unisd_config = args.unisd_loss_config()
+        self._check_columns(args, train_dataset, eval_dataset)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self.unisd_path: str | None = None  # "linear" or "logits", chosen on the first batch
+
+    def _check_columns(self, args, train_dataset, eval_dataset):
+        needed = []
+        if self.unisd_config.needs_negative:
+            needed.append(args.unisd_negative_column)
+        if self.unisd_config.needs_views:
+            needed.extend(["prompt", "privileged_context"])
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for name, data in [("train_dataset", train_dataset)] + [("eval_dataset", d) for d in evals]:
+            columns = getattr(data, "column_names", None)
+            missing = [c for c in needed if columns is not None and c not in columns]
+            if missing:
+                raise ValueError(
+                    f"{name} lacks the column(s) {missing} that the UniSD config needs "
+                    f"(contrastive: args.unisd_negative_column; agreement: prompt and "
+                    f"privileged_context)"
+                )
+
+    def extend_batch(self, batch: dict, inputs: list[dict]) -> dict:
+        """Add the teacher inputs of the K agreement views, of the negative context, and
+        with token normalisation the loss-token count of each row's optimizer step."""
+        cfg = self.unisd_config
+        prompts = [example["prompt"] for example in inputs]
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
+        training = self.model.training
+        if cfg.needs_views:
+            seed = f"unisd-views:{self.args.seed}:{self.args.process_index}:"
+            rng = random.Random(seed + f"{self.state.global_step}:{training}")
+            contexts = other_contexts(self.train_dataset, prompts, self.args.unisd_num_views, rng)
+            pieces = [
+                self.build_teacher_inputs(
+                    prompts, [row[k] for row in contexts], completion_ids, completion_mask
+                )
+                for k in range(self.args.unisd_num_views)
+            ]
+            ids, mask = stack_left_padded(pieces, self.pad_token_id)
+            batch["unisd_view_input_ids"], batch["unisd_view_attention_mask"] = ids, mask
+        if cfg.needs_negative:
+            negatives = [example[self.args.unisd_negative_column] for example in inputs]
+            ids, mask = self.build_teacher_inputs(
+                prompts, negatives, completion_ids, completion_mask
+            )
+            batch["unisd_negative_input_ids"], batch["unisd_negative_attention_mask"] = ids, mask
+        if cfg.normalize == "token" and training:
+            batch["unisd_num_items"] = step_token_counts(
+                self.loss_mask(completion_mask),
+                self.args.steps_per_generation,
+                self.args.gradient_accumulation_steps,
+                self.accelerator.gather,
+            )
+        return batch
+
+    def _forward(self, model, input_ids, attention_mask, length: int, logits: bool, hidden: bool):
+        """Model outputs at the positions predicting the last ``length`` tokens: the logits
+        (B, T, V) when ``logits`` (else only the last position's are computed, where the model
+        allows), the last hidden states (B, T, H) when ``hidden``; and the raw output."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if "logits_to_keep" in self.model_kwarg_keys:
+            kwargs["logits_to_keep"] = length + 1 if logits else 1
+        if hidden:
+            kwargs["output_hidden_states"] = True
+        out = model(**kwargs)
+        kept = out.logits[:, :-1][:, -length:] if logits else None
+        states = out.hidden_states[-1][:, -length - 1 : -1] if hidden else None
+        return kept, states, out
+
+    def _items(self, inputs, num_items_in_batch, training: bool):
+        """The token count of ``normalize="token"`` and the factor that undoes the
+        cross-process gradient average (None, 1 when the loss is a batch mean)."""
+        if self.unisd_config.normalize != "token" or not training:
+            return None, 1
+        if num_items_in_batch is not None:
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            return num_items_in_batch, scale
+        return inputs["unisd_num_items"][0], self.accelerator.num_processes
+
+    def _head(self, model) -> LinearHead | str:
+        """The model's output layer (in the dtype its GEMM runs in), or why it has none."""
+        head = output_head(self.accelerator.unwrap_model(model))
+        if isinstance(head, str):
+            return head
+        return head.cast(compute_dtype(head.weight, self.accelerator.mixed_precision))
+
+    def _heads(self, model) -> tuple[LinearHead, LinearHead]:
+        """Student and teacher heads; one object when they share their weight and bias, so
+        that the loss sees the very same tensors (one GEMM for both)."""
+        raw = [output_head(self.accelerator.unwrap_model(m)) for m in (model, self.teacher_model)]
+        student = self._head(model)
+        if raw[1].weight is raw[0].weight and raw[1].bias is raw[0].bias:
+            return student, student
+        return student, self._head(self.teacher_model)
+
+    def _linear_blocker(self, model, input_ids, attention_mask) -> str | None:
+        """Why the fused-linear path cannot compute this model's loss, or None."""
+        if self.is_fsdp_enabled:
+            return "FSDP shards the output layer's weight"
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        if plugin is not None and plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3 shards the output layer's weight"
+        for name, candidate in (("the student", model), ("the teacher", self.teacher_model)):
+            head = self._head(candidate)
+            if isinstance(head, str):
+                return f"{name}: {head}"
+        with torch.no_grad():
+            _, _, out = self._forward(model, input_ids[:1], attention_mask[:1], 1, False, True)
+        return head_mismatch(
+            self._head(model), out.hidden_states[-1][:, -1], out.logits[:, -1]
+        )
+
+    def _loss_path(self, model, input_ids, attention_mask) -> str:
+        """``args.unisd_loss_path`` resolved on the first batch: "linear" or "logits"."""
+        if self.unisd_path is None:
+            wanted = self.args.unisd_loss_path
+            reason = None
+            if wanted != "logits":
+                reason = self._linear_blocker(model, input_ids, attention_mask)
+            if reason is not None and wanted == "linear":
+                raise ValueError(f"unisd_loss_path='linear' does not apply to this model: {reason}")
+            if reason is not None:
+                logger.warning(f"UniSD loss on the logits path: {reason}")
+            self.unisd_path = "logits" if wanted == "logits" or reason else "linear"
+        return self.unisd_path
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("UniSDSDFTTrainer does not support returning outputs")
+        completion_ids = inputs["completion_ids"]
+        loss_mask = self.loss_mask(inputs["completion_mask"])
+        labels = completion_ids.masked_fill(loss_mask == 0, self.unisd_config.ignore_index)
+        student_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        student_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        items, scale = self._items(inputs, num_items_in_batch, model.training)
+        step = self._linear_loss
+        if self._loss_path(model, student_ids, student_mask) == "logits":
+            step = self._logits_loss
+        out = step(model, inputs, labels, student_ids, student_mask, items)
+        self._log_unisd(model.training, out, loss_mask)
+        loss = out.loss
+        if not model.training:
+            return loss
+        if items is not None:
+            return loss * scale
+        return loss / self.current_gradient_accumulation_steps
+
+    def _views_and_negative(self, inputs, length: int, logits: bool):
+        """The teacher's outputs on the K views, (K, B, T, ...), and on the negative,
+        (B, T, ...): logits when ``logits`` else last hidden states; None where the config
+        needs none. Run under no_grad and the teacher context."""
+        cfg, teacher = self.unisd_config, self.teacher_model
+        views = negative = None
+        if cfg.needs_views:
+            ids, mask = inputs["unisd_view_input_ids"], inputs["unisd_view_attention_mask"]
+            if logits:  # one view at a time: each holds B x T x V logits
+                views = [
+                    self._forward(teacher, i, m, length, True, False)[0]
+                    for i, m in zip(ids.unbind(1), mask.unbind(1), strict=True)
+                ]
+            else:  # the K views batched: (K * B, L), view-major
+                flat_ids = ids.transpose(0, 1).flatten(0, 1)
+                flat_mask = mask.transpose(0, 1).flatten(0, 1)
+                hidden = self._forward(teacher, flat_ids, flat_mask, length, False, True)[1]
+                views = hidden.unflatten(0, (ids.size(1), ids.size(0)))
+        if cfg.needs_negative:
+            ids = inputs["unisd_negative_input_ids"]
+            mask = inputs["unisd_negative_attention_mask"]
+            negative = self._forward(teacher, ids, mask, length, logits, not logits)[
+                0 if logits else 1
+            ]
+        return views, negative
+
+    def _logits_loss(self, model, inputs, labels, student_ids, student_mask, items):
+        """unisd_loss on the model's logits; views and negative as label log-probs."""
+        cfg, length = self.unisd_config, labels.size(1)
+        student_logits, student_hidden, _ = self._forward(
+            model, student_ids, student_mask, length, True, cfg.needs_hidden
+        )
+        extra = {}
+        with torch.no_grad(), self.teacher_context():
+            teacher_logits, teacher_hidden, _ = self._forward(
+                self.teacher_model,
+                inputs["teacher_input_ids"],
+                inputs["teacher_attention_mask"],
+                length,
+                True,
+                cfg.needs_hidden,
+            )
+            views, negative = self._views_and_negative(inputs, length, logits=True)
+            if views is not None:
+                extra["view_logprobs"] = torch.stack(
+                    [label_logprobs(v, labels, cfg.view_temperature) for v in views]
+                )
+            if negative is not None:
+                extra["negative_logprobs"] = label_logprobs(negative, labels, cfg.temperature)
+        return unisd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            student_hidden=student_hidden,
+            teacher_hidden=teacher_hidden,
+            config=cfg,
+            num_items_in_batch=items,
+            impl=self.args.unisd_impl,
+            **extra,
+        )
+
+    def _linear_loss(self, model, inputs, labels, student_ids, student_mask, items):
+        """unisd_linear_loss on last hidden states and the output layers: no logits."""
+        length = labels.size(1)
+        _, student_hidden, _ = self._forward(model, student_ids, student_mask, length, False, True)
+        student, teacher = self._heads(model)
+        with torch.no_grad(), self.teacher_context():
+            _, teacher_hidden, _ = self._forward(
+                self.teacher_model,
+                inputs["teacher_input_ids"],
+                inputs["teacher_attention_mask"],
+                length,
+                False,
+                True,
+            )
+            views, negative = self._views_and_negative(inputs, length, logits=False)
+        # Hidden states in their head's dtype (under autocast they may differ from it).
+        as_teacher = lambda h: None if h is None else h.to(teacher.weight.dtype)
+        return unisd_linear_loss(
+            student_hidden.to(student.weight.dtype),
+            student.weight,
+            as_teacher(teacher_hidden),
+            teacher.weight,
+            labels,
+            student_bias=student.bias,
+            teacher_bias=teacher.bias,
+            view_hidden=as_teacher(views),
+            negative_hidden=as_teacher(negative),
+            logit_softcap=student.softcap,
+            logit_scale=student.scale,
+            config=self.unisd_config,
+            num_items_in_batch=items,
+            impl=self.args.unisd_impl,
+        )
+
+    def _log_unisd(self, training: bool, out, loss_mask):
+        tokens = loss_mask.sum().clamp(min=1).to(torch.float32)
+        values = torch.stack(
+            [
+                out.kd.float(),
+                out.contrastive.float(),
+                out.feature.float(),
+                out.clipped.sum().float() / tokens,
+                out.token_weight.sum().float() / tokens,
+            ]
+        )
+        values = self.accelerator.gather(values.unsqueeze(0)).mean(dim=0).tolist()
+        metrics = dict(zip(METRICS, values, strict=True))
+        self.record_metrics("train" if training else "eval", metrics["unisd/kd"], metrics)
