@@ -105,6 +105,18 @@ class TrainConfig:
     loss_impl: str = _f(
         "auto", "unisd_loss implementation", choices=("auto", "torch", "triton", "reference")
     )
+    loss_path: str = _f(
+        "logits",
+        "linear: the loss from lm_head inputs and head weights (unisd_linear_loss, no logits "
+        "in the step); logits: heads applied, then unisd_loss",
+        choices=("linear", "logits"),
+    )
+    parallel: str = _f(
+        "auto",
+        "none, ddp (DistributedDataParallel) or fsdp (FSDP2) under torchrun; auto = ddp when "
+        "WORLD_SIZE > 1",
+        choices=("auto", "none", "ddp", "fsdp"),
+    )
     sample_temperature: float = _f(0.7, "sampling temperature of the student's completions")
     # optimisation
     batch_size: int = _f(4, "prompts per micro-batch")
