@@ -173,7 +173,8 @@ def sft_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
 
     def loss_of(model):
         hidden = completion_hidden(model, prompts, gold, mask, ctx.pad_id)
-        logits = lm_head(model).logits(hidden).float()
+        logits = lm_head(model).logits(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold, reduction="none")
         m = mask.float()
         if token:
