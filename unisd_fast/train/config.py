@@ -55,7 +55,7 @@ class TrainConfig:
     dtype: str = _f(
         "auto",
         "model dtype; auto = bfloat16 on CUDA, float32 on CPU",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=("auto", "float32", "bfloat16", "float16", "float64"),
     )
     attn_implementation: str = _f(
         "auto", "auto = flash_attention_2 when flash-attn is installed (CUDA), else sdpa"

@@ -262,6 +262,9 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
+        for module in (self.model, student):
+            if hasattr(module, "reshard"):
+                module.reshard()  # an FSDP2 root keeps its gathered weights after forward
         params = self._local_params()
         done, bucket, size = set(), [], 0
         for name, weight in iter_effective_weights(student):
