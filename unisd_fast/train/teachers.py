@@ -74,7 +74,8 @@ def pack_rows(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Te
 
 @dataclass
 class Head:
-    """A causal LM's output head: ``z = f(h W^T + b)``, f the optional softcap and scale."""
+    """A causal LM's output head: ``z = f(h W^T + b)``, f the optional scale, then the
+    optional softcap (the order of ``unisd_linear_loss``)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -83,10 +84,10 @@ class Head:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         z = nn.functional.linear(hidden, self.weight, self.bias)
-        if self.softcap:
-            z = self.softcap * torch.tanh(z / self.softcap)
         if self.scale:
             z = z * self.scale
+        if self.softcap:
+            z = self.softcap * torch.tanh(z / self.softcap)
         return z
 
     def detached(self) -> Head:
