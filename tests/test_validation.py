@@ -16,7 +16,10 @@ from unisd_fast.losses import resolve_impl
     ({"temperature": float("nan")}, ValueError, "temperature"),
     ({"clip": 1.0, "clip_quantile": 0.9}, ValueError, "exclusive"),
     ({"clip": -1.0}, ValueError, "clip"),
+    ({"clip": 0}, ValueError, r"UniSDConfig.clip must be > 0, got 0; clip=0 clips every"),
+    ({"clip": 0.0}, ValueError, r"UniSDConfig.clip must be > 0"),
     ({"clip_quantile": 1.5}, ValueError, "clip_quantile"),
+    ({"clip_quantile": 0.0}, ValueError, r"UniSDConfig.clip_quantile must lie in \(0, 1\]"),
     ({"agreement": "views"}, ValueError, "agreement"),
     ({"agreement_stat": "std"}, ValueError, "agreement_stat"),
     ({"agreement_gamma": -1.0}, ValueError, "agreement_gamma"),
@@ -34,6 +37,12 @@ from unisd_fast.losses import resolve_impl
 def test_config_errors(fields, error, match):
     with pytest.raises(error, match=match):
         usd.UniSDConfig(**fields)
+
+
+def test_clip_edges_that_keep_a_gradient_are_accepted():
+    assert usd.UniSDConfig(clip=1e-9).clip == 1e-9
+    assert usd.UniSDConfig(clip_quantile=1.0).clip_quantile == 1.0
+    assert usd.UniSDConfig(clip_quantile=1e-6).clip_quantile == 1e-6
 
 
 def test_presets_and_defaults():
@@ -75,7 +84,8 @@ def inputs():
      "teacher_logits is on meta but student_logits is on cpu"),
     ({"labels": torch.zeros(2, 3)}, TypeError, "labels must be an integer"),
     ({"labels": torch.zeros(2, 4, dtype=torch.long)}, ValueError, r"labels must have shape"),
-    ({"labels": torch.full((2, 3), 11)}, ValueError, r"labels must lie in \[0, 11\)"),
+    ({"labels": torch.full((2, 3), 11)}, ValueError,
+     r"^labels must lie in \[0, 11\) or equal ignore_index=-100; found 11$"),
     ({"labels": torch.full((2, 3), -1)}, ValueError, "labels must lie"),
     ({"view_logits": None}, ValueError, "needs view_logits or view_logprobs"),
     ({"view_logits": torch.randn(1, 2, 3, 11)}, ValueError, "K >= 2"),

@@ -6,6 +6,8 @@ syncs with the host (no ``.item()``, no boolean indexing), so a CUDA step stays 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
@@ -33,16 +35,14 @@ def masked_quantile(values, mask, q: float):
     return torch.where(n > 0, value, torch.zeros_like(value))
 
 
-def clip_mask(d, mask, cfg):
-    """(threshold, clipped): the clip constant (a float, a 0-dim tensor or None) and the
-    clipped tokens. A static clip stays a Python float: no host-to-device copy."""
+def clip_threshold(d, mask, cfg):
+    """The clip constant: a Python float (static clip: no host-to-device copy), the masked
+    ``clip_quantile`` of the divergences ``d`` as a 0-dim tensor, or None (no clipping)."""
     if cfg.clip is not None:
-        c = float(cfg.clip)
-    elif cfg.clip_quantile is not None:
-        c = masked_quantile(d, mask, cfg.clip_quantile)
-    else:
-        return None, torch.zeros_like(mask)
-    return c, mask & (d > c)
+        return float(cfg.clip)
+    if cfg.clip_quantile is not None:
+        return masked_quantile(d, mask, cfg.clip_quantile)
+    return None
 
 
 def agreement_weights(view_lp, mask, cfg):
@@ -60,6 +60,48 @@ def agreement_weights(view_lp, mask, cfg):
         w = torch.clamp(torch.exp(-cfg.agreement_gamma * d), min=SEQUENCE_WEIGHT_FLOOR)
         w = w.unsqueeze(-1).expand_as(mask)
     return torch.where(mask, w, 0.0)
+
+
+class RowScales(NamedTuple):
+    """Per-token factors known before any divergence: the agreement weight ``w``, the kd
+    term's ``kd`` (w over its normaliser) and the other terms' ``token`` (mask over its)."""
+
+    weight: torch.Tensor
+    kd: torch.Tensor
+    token: torch.Tensor
+
+
+def row_scales(mask, cfg, view_lp, num_items_in_batch) -> RowScales:
+    """Agreement weights and normalisers (B, T): they depend on the labels and views only."""
+    m = mask.float()
+    if cfg.agreement != "none":
+        w = agreement_weights(torch.where(mask, view_lp.float(), 0.0), mask, cfg)
+    else:
+        w = m
+    return RowScales(w, token_scale(w, cfg.normalize, num_items_in_batch),
+                     token_scale(m, cfg.normalize, num_items_in_batch))
+
+
+class RowCoefficients(NamedTuple):
+    """Per-row results of ``row_coefficients``: the gradient coefficients ``ck``, ``cc``, the
+    clipped mask and the hinge value (None without contrastive term)."""
+
+    ck: torch.Tensor
+    cc: torch.Tensor
+    clipped: torch.Tensor
+    hinge: torch.Tensor | None
+
+
+def row_coefficients(d, s_lab, t_lab, b_lab, mask, c, scales: RowScales, cfg):
+    """``ck = kd_weight * kd_scale * (not clipped)`` and ``cc = lambda_c * scale * g`` of any
+    subset of rows, given the clip constant ``c`` (None: off) and the negative's label
+    log-probs ``b_lab`` (0 on ignored rows; unused without contrastive term)."""
+    clipped = mask & (d > c) if c is not None else torch.zeros_like(mask)
+    ck = cfg.kd_weight * scales.kd * (~clipped)
+    if cfg.contrastive_weight > 0:
+        value, sign = hinge(s_lab, t_lab, b_lab, cfg.contrastive_margin)
+        return RowCoefficients(ck, cfg.contrastive_weight * scales.token * sign, clipped, value)
+    return RowCoefficients(ck, torch.zeros_like(ck), clipped, None)
 
 
 def token_scale(weights, normalize: str, num_items_in_batch):

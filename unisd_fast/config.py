@@ -106,12 +106,18 @@ class UniSDConfig:
         if self.clip is not None and self.clip_quantile is not None:
             raise ValueError("UniSDConfig.clip and UniSDConfig.clip_quantile are exclusive")
         if self.clip is not None:
-            _finite("clip", self.clip, nonnegative=True)
+            _finite("clip", self.clip)
+            if self.clip <= 0:
+                raise ValueError(
+                    f"UniSDConfig.clip must be > 0, got {self.clip}; clip=0 clips every token "
+                    "and zeroes the divergence term (use clip=None for no clipping)"
+                )
         if self.clip_quantile is not None:
             _finite("clip_quantile", self.clip_quantile)
-            if not 0.0 <= self.clip_quantile <= 1.0:
+            if not 0.0 < self.clip_quantile <= 1.0:
                 raise ValueError(
-                    f"UniSDConfig.clip_quantile must lie in [0, 1], got {self.clip_quantile}"
+                    f"UniSDConfig.clip_quantile must lie in (0, 1], got {self.clip_quantile}; "
+                    "at 0 every token above the batch minimum is clipped and gets no gradient"
                 )
         _finite("agreement_gamma", self.agreement_gamma, nonnegative=True)
         _finite("agreement_quantile", self.agreement_quantile)

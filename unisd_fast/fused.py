@@ -57,38 +57,30 @@ def combine(stats: RowStats, mask: torch.Tensor, cfg: UniSDConfig, view_lp, nega
     """From the row stats and the views' and negative's label log-probs to the loss and the
     per-row gradient coefficients. Length-N work only; no host sync."""
     d = stats.divergence
-    m = mask.float()
-    c, clipped = co.clip_mask(d, mask, cfg)
-    d_used = torch.where(clipped, c, d) if c is not None else d
-    if cfg.agreement != "none":
-        w = co.agreement_weights(torch.where(mask, view_lp.float(), 0.0), mask, cfg)
-    else:
-        w = m
-    kd_scale = co.token_scale(w, cfg.normalize, num_items_in_batch)
-    kd = (kd_scale * d_used).sum()
+    scales = co.row_scales(mask, cfg, view_lp, num_items_in_batch)
+    c = co.clip_threshold(d, mask, cfg)
+    b_lab = torch.where(mask, negative_lp.float(), 0.0) if cfg.contrastive_weight > 0 else None
+    rows = co.row_coefficients(d, stats.student_label, stats.teacher_label, b_lab, mask, c,
+                               scales, cfg)
+    d_used = torch.where(rows.clipped, c, d) if c is not None else d
+    kd = (scales.kd * d_used).sum()
     loss = cfg.kd_weight * kd
-    ck = cfg.kd_weight * kd_scale * (~clipped)
 
-    scale = co.token_scale(m, cfg.normalize, num_items_in_batch)
     contrastive = loss.new_zeros(())
-    cc = torch.zeros_like(m)
     if cfg.contrastive_weight > 0:
-        b_lab = torch.where(mask, negative_lp.float(), 0.0)
-        hinge, sign = co.hinge(stats.student_label, stats.teacher_label, b_lab,
-                               cfg.contrastive_margin)
-        contrastive = (scale * hinge).sum()
+        contrastive = (scales.token * rows.hinge).sum()
         loss = loss + cfg.contrastive_weight * contrastive
-        cc = cfg.contrastive_weight * scale * sign
 
     feature = loss.new_zeros(())
     diff = None
     if cfg.feature_weight > 0:
         diff = torch.where(mask.unsqueeze(-1),
                            student_hidden.float() - teacher_hidden.float(), 0.0)
-        feature = (scale * diff.pow(2).mean(-1)).sum()
+        feature = (scales.token * diff.pow(2).mean(-1)).sum()
         loss = loss + cfg.feature_weight * feature
-        diff.mul_((cfg.feature_weight * 2.0 / diff.shape[-1]) * scale.unsqueeze(-1))
-    return Coefficients(loss, kd, contrastive, feature, d, w, clipped, ck, cc, diff)
+        diff.mul_((cfg.feature_weight * 2.0 / diff.shape[-1]) * scales.token.unsqueeze(-1))
+    return Coefficients(loss, kd, contrastive, feature, d, scales.weight, rows.clipped, rows.ck,
+                        rows.cc, diff)
 
 
 def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):

@@ -12,7 +12,7 @@ from . import torch_backend
 from .config import UniSDConfig
 from .fused import unisd_fused
 from .reference import unisd_loss_reference
-from .validation import validate_inputs
+from .validation import validate_inplace, validate_inputs
 
 IMPLS = ("auto", "triton", "torch", "reference")
 
@@ -58,6 +58,16 @@ def check_config(config) -> UniSDConfig:
     return cfg
 
 
+def kernels_interpreted() -> bool:
+    """Whether ``unisd_fast.kernels`` run in Triton's interpreter. Triton settles this when it
+    decorates the kernels, at their import, from TRITON_INTERPRET at that moment."""
+    import triton
+
+    from .kernels import common
+
+    return not isinstance(common.row_offset, triton.runtime.JITFunction)
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     check_impl(impl)
     if impl == "auto":
@@ -65,6 +75,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "triton" and not triton_available_for(device):
         raise RuntimeError(
             f"impl='triton' needs CUDA tensors (got {device.type}); on CPU set "
+            "TRITON_INTERPRET=1 before importing unisd_fast, or use impl='torch'"
+        )
+    if impl == "triton" and device.type == "cpu" and not kernels_interpreted():
+        raise RuntimeError(
+            "impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
+            "unisd_fast.kernels was imported, so the kernels were built for a GPU; set "
             "TRITON_INTERPRET=1 before importing unisd_fast, or use impl='torch'"
         )
     return impl
@@ -99,6 +115,10 @@ def unisd_loss(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
     )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.reshape(())
+    if inplace_backward:
+        validate_inplace(student_logits)
     which = resolve_impl(impl, student_logits.device)
     if which == "reference":
         if inplace_backward:

@@ -51,10 +51,9 @@ def _stats_block(z, u, y, tau: float, divergence: str, alpha: float):
     return lse_s.squeeze(-1), lse_t.squeeze(-1), d, aux, s_lab, t_lab
 
 
-# x_y / tau - logsumexp(x / tau) of one block.
+# log_softmax(x / tau)[y] of one block; NaN on a row holding +inf, as in the reference.
 def _label_block(x, y, tau: float):
-    x = x.float() / tau
-    return x.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return torch.log_softmax(x.float() / tau, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
 # Gradient of one block, the formula of unisd_fast.kernels.grad, written into out:

@@ -1,6 +1,15 @@
-"""Input checks of ``unisd_loss``: every error names the argument and what was expected."""
+"""Input checks of ``unisd_loss``: every error names the argument and what was expected.
+
+Checks of tensor *values* (the label range, a tensor ``num_items_in_batch``) never sync a CUDA
+stream with the host: on CUDA they are device-side asserts whose failure surfaces at the next
+synchronising call (docs/api.md, "Errors"); ``UNISD_FAST_SYNC_CHECKS=1`` checks on the host
+instead, with the readable ``ValueError`` that CPU tensors always get.
+"""
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 
@@ -31,6 +40,70 @@ def _float_input(name, x, expected, what, device):
     _tensor(name, x, FLOAT_DTYPES, "a floating-point")
     _shape(name, x, expected, what)
     _device(name, x, device)
+
+
+def host_checks(device: torch.device) -> bool:
+    """Whether value checks on ``device`` run on the host: always off CUDA, and on CUDA only
+    under ``UNISD_FAST_SYNC_CHECKS=1`` (a host sync per call)."""
+    return device.type != "cuda" or os.environ.get("UNISD_FAST_SYNC_CHECKS") == "1"
+
+
+def _require(ok: torch.Tensor, message: str, found=None) -> None:
+    """ValueError(message) where the 0-dim bool tensor ``ok`` is False; ``found()`` (on the
+    host path only) names the offending value. On CUDA without host checks: an asynchronous
+    device-side assert, raised by CUDA at the next sync (it ends the CUDA context)."""
+    if not host_checks(ok.device):
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message if found is None else f"{message}; found {found()}")
+
+
+def _labels(labels, V, ignore_index):
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    _require(~bad.any(), f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}",
+             lambda: labels[bad][0].item())
+
+
+def _num_items(n, device):
+    """num_items_in_batch: a finite number > 0, or a one-element tensor holding one."""
+    if isinstance(n, torch.Tensor):
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"num_items_in_batch must be a real number tensor, got {n.dtype}")
+        if n.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
+        _device("num_items_in_batch", n, device)
+        _require((torch.isfinite(n) & (n > 0)).all(),
+                 "num_items_in_batch must be > 0 and finite", lambda: n.item())
+    elif isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise TypeError("num_items_in_batch must be a number or a scalar tensor, got "
+                        f"{type(n).__name__}")
+    elif not (math.isfinite(n) and n > 0):
+        raise ValueError(f"num_items_in_batch must be > 0 and finite, got {n}")
+
+
+def _overlaps(x) -> bool:
+    """True where two elements of ``x`` may share memory (a 0 stride, as after ``expand``,
+    or strides too small for the sizes): sorted by stride, each dimension must step past
+    the whole extent of the smaller ones."""
+    extent = 0
+    pairs = zip(x.stride(), x.shape, strict=True)
+    for stride, size in sorted((st, n) for st, n in pairs if n > 1):
+        if stride <= extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def validate_inplace(student_logits) -> None:
+    """inplace_backward=True writes the gradient into student_logits' own memory, so no two
+    of its elements may share memory."""
+    if _overlaps(student_logits):
+        raise ValueError(
+            "inplace_backward=True needs student_logits whose elements do not share memory; "
+            f"got shape {tuple(student_logits.shape)} with strides {student_logits.stride()} "
+            "(an expand()ed or overlapping view); pass student_logits.contiguous() or "
+            "inplace_backward=False"
+        )
 
 
 def _one_of(first, second, first_x, second_x, needed_for):
@@ -71,10 +144,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
     _tensor("labels", labels, INT_DTYPES, "an integer")
     _shape("labels", labels, (B, T), "(B, T)")
     _device("labels", labels, device)
-    bad = (labels != cfg.ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index="
-                         f"{cfg.ignore_index}; found {labels[bad][0].item()}")
+    _labels(labels, V, cfg.ignore_index)
 
     views = None
     if cfg.agreement != "none":
@@ -117,15 +187,5 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
     if num_items_in_batch is not None:
         if cfg.normalize != "token":
             raise ValueError("num_items_in_batch is only accepted with normalize='token'")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("num_items_in_batch must be a scalar, got shape "
-                                 f"{tuple(num_items_in_batch.shape)}")
-            _device("num_items_in_batch", num_items_in_batch, device)
-        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch,
-                                                                    (int, float)):
-            raise TypeError("num_items_in_batch must be a number or a scalar tensor, got "
-                            f"{type(num_items_in_batch).__name__}")
-        elif num_items_in_batch <= 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+        _num_items(num_items_in_batch, device)
     return views

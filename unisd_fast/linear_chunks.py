@@ -1,0 +1,262 @@
+"""The fused-linear UniSD loss over chunks of rows: head GEMMs, the row backend on each
+chunk's logits, and the gradients wrt the hidden states and the head, computed at once.
+
+Plain tensors in and out, no autograd (``linear_op.py`` registers it as an operator). Nothing
+of size tokens x vocab exists: only one chunk's logits, ``chunk_bytes`` at most (at least one
+row). docs/kernels.md, "The fused-linear form", describes the passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import coefficients as co
+from .backend import RowBackend, RowStats
+from .config import UniSDConfig
+from .fused import Coefficients, combine
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """``f`` applied to every head output: ``x * scale``, then ``cap * tanh(x / cap)``."""
+
+    softcap: float | None = None
+    scale: float | None = None
+
+    def apply_(self, x: torch.Tensor) -> None:
+        """x <- f(x), in place."""
+        if self.scale is not None:
+            x.mul_(self.scale)
+        if self.softcap is not None:
+            x.div_(self.softcap).tanh_().mul_(self.softcap)
+
+    def chain_(self, grad: torch.Tensor, z: torch.Tensor) -> None:
+        """grad <- grad * f'(x) from the outputs z = f(x); z is overwritten.
+        f'(x) = scale * (1 - (z / cap)^2) (each factor only where given)."""
+        if self.softcap is not None:
+            grad.mul_(z.div_(self.softcap).square_().neg_().add_(1.0))
+        if self.scale is not None:
+            grad.mul_(self.scale)
+
+
+@dataclass(frozen=True)
+class Head:
+    """An lm_head: weight (V, H) and optional bias (V,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One call of the fused-linear loss, with (N, H) row views of the hidden states.
+
+    ``shared``: the teacher head is the student head (same weight and bias tensors), so the
+    student and teacher rows of a chunk go through one GEMM. ``grads``: which of d hidden,
+    d weight, d bias to compute.
+    """
+
+    backend: RowBackend
+    config: UniSDConfig
+    logit_map: LogitMap
+    student_head: Head
+    teacher_head: Head
+    shared: bool
+    student_rows: torch.Tensor
+    teacher_rows: torch.Tensor
+    labels: torch.Tensor
+    chunk_bytes: int
+    grads: tuple[bool, bool, bool]
+
+
+@dataclass
+class LinearResult:
+    """The loss terms of ``combine`` and the gradients (None where not asked for), float32
+    accumulators cast to the dtypes of the inputs they belong to."""
+
+    terms: Coefficients
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def chunk_ranges(N: int, rows_per_part: int, V: int, itemsize: int, chunk_bytes: int):
+    """[r0, r1) row ranges whose logits (``rows_per_part`` rows each) fit ``chunk_bytes``."""
+    rows = max(1, chunk_bytes // (rows_per_part * V * itemsize))
+    return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
+
+
+def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap) -> None:
+    """out = f(h W^T + b) for the row blocks ``rows`` [h_i], stacked in order along the rows
+    of ``out``: one GEMM over all blocks (the bias added in it, rounded once)."""
+    h = rows[0] if len(rows) == 1 else torch.cat(rows)
+    if head.bias is None:
+        torch.mm(h, head.weight.t(), out=out)
+    else:
+        torch.addmm(head.bias, h, head.weight.t(), out=out)
+    logit_map.apply_(out)
+
+
+def score_rows(call: LinearCall, groups):
+    """Label log-probs through the teacher head of the row tensors in ``groups`` [(list of
+    (N, Ht) tensors, tau)]: one GEMM per chunk over every tensor of every group, then one
+    label pass per group. Returns a float32 (P_g, N) tensor per group; 0 on ignored rows."""
+    head, V, N = call.teacher_head, call.teacher_head.weight.shape[0], call.labels.shape[0]
+    tensors = [x for xs, _ in groups for x in xs]
+    P = len(tensors)
+    outs = [torch.zeros(len(xs), N, dtype=torch.float32, device=call.labels.device)
+            for xs, _ in groups]
+    ranges = chunk_ranges(N, P, V, head.weight.element_size(), call.chunk_bytes)
+    buf = torch.empty((ranges[0][1] * P, V), dtype=head.weight.dtype, device=head.weight.device)
+    for r0, r1 in ranges:
+        n = r1 - r0
+        logits = buf[:P * n]
+        head_logits(logits, head, [x[r0:r1] for x in tensors], call.logit_map)
+        first = 0
+        for (xs, tau), out in zip(groups, outs, strict=True):
+            rows = logits[first * n:(first + len(xs)) * n]
+            y = call.labels[r0:r1].repeat(len(xs))
+            lp = call.backend.label_logprob(rows.view(1, -1, V), y.view(1, -1), tau=tau,
+                                            ignore_index=call.config.ignore_index)
+            out[:, r0:r1] = lp.view(len(xs), n)
+            first += len(xs)
+    return outs
+
+
+def chunk_logits(call: LinearCall, buf: torch.Tensor, r0: int, r1: int):
+    """Student and teacher logits of rows r0:r1 in ``buf`` (2 n, V): (z, u) as (n, V)."""
+    n = r1 - r0
+    hs, ht = call.student_rows[r0:r1], call.teacher_rows[r0:r1]
+    logits = buf[:2 * n]
+    if call.shared:
+        head_logits(logits, call.student_head, [hs, ht], call.logit_map)
+    else:
+        head_logits(logits[:n], call.student_head, [hs], call.logit_map)
+        head_logits(logits[n:], call.teacher_head, [ht], call.logit_map)
+    return logits[:n], logits[n:]
+
+
+def chunk_grad(call: LinearCall, z, u, y, stats: RowStats, rows: co.RowCoefficients):
+    """d loss / d x of the chunk's pre-``f`` student logits x, written over z (or over u when
+    f has a soft-cap, whose derivative needs z). Returns the tensor that holds it."""
+    cfg = call.config
+    out = u if call.logit_map.softcap is not None else z
+    V = z.shape[-1]
+    call.backend.write_grad(z.view(1, -1, V), u.view(1, -1, V), y.view(1, -1),
+                            out.view(1, -1, V), RowStats(*(s.view(1, -1) for s in stats)),
+                            rows.ck.view(1, -1), rows.cc.view(1, -1),
+                            divergence=cfg.divergence, tau=cfg.temperature,
+                            alpha=cfg.jsd_alpha)
+    call.logit_map.chain_(out, z)
+    return out
+
+
+class Accumulators:
+    """float32 d hidden (N, H), d weight (V, H) and d bias (V,), for the grads asked for."""
+
+    def __init__(self, call: LinearCall):
+        w = call.student_head.weight
+        want_h, want_w, want_b = call.grads
+        rows = call.student_rows
+        self.hidden = (torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+                       if want_h else None)
+        self.weight = (torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                       if want_w else None)
+        self.bias = (torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+                     if want_b else None)
+
+    def add(self, call: LinearCall, grad: torch.Tensor, r0: int, r1: int) -> None:
+        """d h = dx W for the chunk's rows; d W += dx^T h; d b += sum_rows dx."""
+        w = call.student_head.weight
+        if self.hidden is not None:
+            if w.dtype == torch.float32:
+                torch.mm(grad, w, out=self.hidden[r0:r1])
+            else:
+                self.hidden[r0:r1] = torch.mm(grad, w)
+        if self.weight is not None:
+            h = call.student_rows[r0:r1]
+            if grad.dtype != torch.float32:
+                grad, h = grad.float(), h.float()
+            self.weight.addmm_(grad.t(), h)
+        if self.bias is not None:
+            self.bias.add_(grad.sum(0, dtype=torch.float32))
+
+
+def run_chunks(call: LinearCall, stats: torch.Tensor, scales: co.RowScales, b_lab, c,
+               *, with_stats: bool, acc: Accumulators | None) -> None:
+    """One pass over the chunks: the logits by GEMM, then (``with_stats``) the row stats into
+    ``stats`` (6, N), and (``acc``) the chunk's gradient into the accumulators."""
+    cfg, V = call.config, call.student_head.weight.shape[0]
+    N = call.labels.shape[0]
+    dtype = call.student_head.weight.dtype
+    ranges = chunk_ranges(N, 2, V, call.student_head.weight.element_size(), call.chunk_bytes)
+    buf = torch.empty((2 * ranges[0][1], V), dtype=dtype, device=call.labels.device)
+    mask = call.labels != cfg.ignore_index
+    for r0, r1 in ranges:
+        z, u = chunk_logits(call, buf, r0, r1)
+        y = call.labels[r0:r1]
+        if with_stats:
+            st = call.backend.row_stats(z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1),
+                                        divergence=cfg.divergence, tau=cfg.temperature,
+                                        alpha=cfg.jsd_alpha, ignore_index=cfg.ignore_index)
+            stats[:, r0:r1] = torch.stack(st).view(6, -1)
+        if acc is None:
+            continue
+        st = RowStats(*stats[:, r0:r1])
+        part = co.RowScales(*(s[r0:r1] for s in scales))
+        rows = co.row_coefficients(st.divergence, st.student_label, st.teacher_label,
+                                   None if b_lab is None else b_lab[r0:r1], mask[r0:r1], c,
+                                   part, cfg)
+        acc.add(call, chunk_grad(call, z, u, y, st, rows), r0, r1)
+
+
+def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,
+                student_hidden, teacher_hidden, num_items_in_batch) -> LinearResult:
+    """The whole fused-linear loss. ``shape`` = (B, T); ``view_rows`` a list of K (N, Ht)
+    tensors or None (then ``view_lp`` (K, B, T)); likewise the negative. Views and negative
+    are scored first, so that every per-row coefficient is known in the one pass over the
+    student/teacher chunks; only ``clip_quantile`` adds a stats pass before it."""
+    cfg = call.config
+    groups = []
+    if cfg.agreement != "none" and view_lp is None:
+        groups.append((view_rows, cfg.view_temperature))
+    if cfg.contrastive_weight > 0 and negative_lp is None:
+        groups.append(([negative_rows], cfg.temperature))
+    scored = score_rows(call, groups) if groups else []
+    if cfg.agreement != "none" and view_lp is None:
+        view_lp = scored.pop(0).view(-1, *shape)
+    if cfg.contrastive_weight > 0 and negative_lp is None:
+        negative_lp = scored.pop(0).view(shape)
+
+    mask = call.labels != cfg.ignore_index
+    scales = co.RowScales(*(s.reshape(-1) for s in co.row_scales(
+        mask.view(shape), cfg, view_lp, num_items_in_batch)))
+    b_lab = (torch.where(mask, negative_lp.reshape(-1).float(), 0.0)
+             if cfg.contrastive_weight > 0 else None)
+    stats = torch.zeros(6, call.labels.shape[0], dtype=torch.float32,
+                        device=call.labels.device)
+    acc = Accumulators(call) if any(call.grads) else None
+    if cfg.clip_quantile is not None and acc is not None:
+        run_chunks(call, stats, scales, b_lab, None, with_stats=True, acc=None)
+        c = co.clip_threshold(stats[2], mask, cfg)
+        run_chunks(call, stats, scales, b_lab, c, with_stats=False, acc=acc)
+    else:
+        c = None if cfg.clip_quantile is not None else co.clip_threshold(stats[2], mask, cfg)
+        run_chunks(call, stats, scales, b_lab, c, with_stats=True, acc=acc)
+
+    terms = combine(RowStats(*stats.view(6, *shape)), mask.view(shape), cfg, view_lp,
+                    negative_lp, student_hidden, teacher_hidden, num_items_in_batch)
+    if acc is None:
+        return LinearResult(terms, None, None, None)
+    grad_h = None
+    if acc.hidden is not None:
+        grad_h = acc.hidden.view(student_hidden.shape)
+        if terms.hidden_grad is not None:
+            grad_h.add_(terms.hidden_grad)
+        grad_h = grad_h.to(student_hidden.dtype)
+    w = call.student_head
+    grad_w = None if acc.weight is None else acc.weight.to(w.weight.dtype)
+    grad_b = None if acc.bias is None else acc.bias.to(w.bias.dtype)
+    return LinearResult(terms, grad_h, grad_w, grad_b)
