@@ -106,7 +106,7 @@ class TrainConfig:
         "auto", "unisd_loss implementation", choices=("auto", "torch", "triton", "reference")
     )
     loss_path: str = _f(
-        "logits",
+        "linear",
         "linear: the loss from lm_head inputs and head weights (unisd_linear_loss, no logits "
         "in the step); logits: heads applied, then unisd_loss",
         choices=("linear", "logits"),
