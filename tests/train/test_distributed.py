@@ -101,7 +101,16 @@ def assert_same_run(a, b, tol=FP64_TOL):
         torch.testing.assert_close(wb[name], value, **tol, msg=name)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+IN_CI = ("ddp-lora-linear", "fsdp-full")
+
+
+def cases(names):
+    """CI runs the IN_CI cases (each about 30 s of CPU time for its 3 processes); the rest
+    are marked slow."""
+    return [pytest.param(n, marks=() if n in IN_CI else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("case", cases(CASES))
 def test_two_ranks_match_one(tmp_path, case):
     """2 ranks x grad-accum 1 against 1 rank x grad-accum 2: the same micro-batches."""
     cfg = {**COMMON, **CASES[case], "batch_size": 2}
@@ -115,7 +124,7 @@ def test_two_ranks_match_one(tmp_path, case):
     assert first["loss"] > 0 and first["tokens"] > 0
 
 
-@pytest.mark.parametrize("case", ["ddp-lora", "fsdp-full"])
+@pytest.mark.parametrize("case", cases(["ddp-lora", "fsdp-full"]))
 def test_two_ranks_resume_exactly(tmp_path, case):
     cfg = {**COMMON, **CASES[case], "batch_size": 2, "max_steps": 4, "save_every": 2}
     whole = tmp_path / "whole"
