@@ -105,8 +105,8 @@ IN_CI = ("ddp-lora-linear", "fsdp-full")
 
 
 def cases(names):
-    """CI runs the IN_CI cases (each about 30 s of CPU time for its 3 processes); the rest
-    are marked slow."""
+    """CI runs the IN_CI cases (about 1 minute each, wall time, on a busy 2-core machine);
+    the rest are marked slow (about as long each)."""
     return [pytest.param(n, marks=() if n in IN_CI else pytest.mark.slow) for n in names]
 
 
@@ -135,3 +135,16 @@ def test_two_ranks_resume_exactly(tmp_path, case):
     assert_same_run(whole, resumed)
     if CASES[case]["parallel"] == "fsdp":
         assert (start / "shards").is_dir()
+
+
+def test_parallel_mode_from_the_environment(monkeypatch):
+    from unisd_fast.train.distributed import resolve_mode, setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_mode("auto") == "ddp"
+    with pytest.raises(ValueError, match="parallel none under torchrun"):
+        setup("none", torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_mode("auto") == "none" and resolve_mode("fsdp") == "fsdp"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        resolve_mode("zero3")
