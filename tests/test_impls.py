@@ -80,6 +80,19 @@ def test_small_tiles_cover_many_partial_blocks(impl, device, monkeypatch):
         assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, impl)
 
 
+@pytest.mark.parametrize("target", [1, 10_000])
+def test_gradient_grid_whole_rows_or_vocabulary_chunks(target, device, monkeypatch):
+    # target 1: one program per row (a 1-D grid); 10000: rows split into vocabulary chunks
+    from unisd_fast.kernels import grad
+
+    monkeypatch.setattr(common, "MAX_BLOCK", 256)
+    monkeypatch.setattr(grad, "TARGET_PROGRAMS", target)
+    assert grad.column_chunks(8, 1000, 256) == (1024 if target == 1 else 256)
+    for option in ("unisd_star", {"divergence": "jsd"}, {"divergence": "rkl"}):
+        cfg, kw = config_and_kwargs(option)
+        assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, "triton")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("K", [2, 3])
 def test_views_as_list_tensor_or_logprobs(impl, K, device):
@@ -200,7 +213,7 @@ def test_self_distillation_regime_bf16_gradient_relative_error(impl, device):
 
 
 def test_chunked_rows_cover_every_row_once():
-    ranges = usd.torch_backend.row_ranges(1000, 301)
+    ranges = usd.torch_backend.TorchBackend(compile=False).row_ranges(1000, 301)
     covered = torch.zeros(1000, dtype=torch.int64)
     for r0, r1 in ranges:
         covered[r0:r1] += 1
@@ -212,9 +225,10 @@ def test_compiler_failure_at_run_time_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     chunked = usd.torch_backend
+    backend = chunked.default_backend()
     monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(chunked, "_COMPILED", {fn: broken for fn in chunked._COMPILED})
+    monkeypatch.setattr(backend, "compiled", {fn: broken for fn in chunked.BLOCK_FUNCTIONS})
     cfg = usd.UniSDConfig.preset("unisd_star")
     with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
         assert_close_to_reference(make_inputs(B=2, T=4, V=300), cfg, "torch")
-    assert all(fn is None for fn in chunked._COMPILED.values())
+    assert not backend.is_compiled

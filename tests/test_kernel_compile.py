@@ -35,13 +35,17 @@ SCRIPT = textwrap.dedent("""
         for dtype in ("fp32", "bf16", "fp16"):
             logits = {"z_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "y_ptr": "*i64"}
             rows = {f"{n}_ptr": "*fp32" for n in ("lse_s", "lse_t", "d", "aux")}
+            grad_rows = {f"{n}_ptr": "*fp32" for n in ("lse_s", "lse_t", "gap", "d", "aux")}
             compile_kernel(stats._stats_kernel, {
-                **logits, **rows, "s_lab_ptr": "*fp32", "t_lab_ptr": "*fp32", **ROW,
+                **logits, **rows, "s_lab_ptr": "*fp32", "t_lab_ptr": "*fp32",
+                "gap_ptr": "*fp32", **ROW,
                 **strides("z", "u", "y"), "inv_tau": "fp32", "alpha": "fp32",
                 "ignore_index": "i32"}, {"DIV": div, "BLOCK": 4096})
+            # one kernel for both grids: COLS (columns per program) is a run-time argument
             compile_kernel(grad._grad_kernel, {
-                **logits, "g_ptr": f"*{dtype}", **rows, "ck_ptr": "*fp32", "cc_ptr": "*fp32",
-                **ROW, **strides("z", "u", "y", "g"), "inv_tau": "fp32", "alpha": "fp32"},
+                **logits, "g_ptr": f"*{dtype}", **grad_rows, "ck_ptr": "*fp32",
+                "cc_ptr": "*fp32", **ROW, "COLS": "i32", **strides("z", "u", "y", "g"),
+                "inv_tau": "fp32", "alpha": "fp32"},
                 {"DIV": div, "BF16_OUT": dtype == "bf16", "BLOCK": 4096})
             compile_kernel(stats._label_logprob_kernel, {
                 "x_ptr": f"*{dtype}", "y_ptr": "*i64", "out_ptr": "*fp32", **ROW,

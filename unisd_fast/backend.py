@@ -16,7 +16,10 @@ import torch
 class RowStats(NamedTuple):
     """Per-row float32 (B, T) results of the stats pass; zeros on ignored rows.
 
-    ``aux`` is KL(p_S || M) for jsd and unused (zeros) for fkl and rkl.
+    ``aux`` is KL(p_S || M) for jsd and unused (zeros) for fkl and rkl. ``lse_gap`` is
+    lse_S - lse_T formed without cancellation (docs/losses.md, "Accuracy when the student is
+    close to the teacher"): the gradient pass needs it to more digits than the difference of
+    the two stored log-sum-exps carries.
     """
 
     lse_s: torch.Tensor
@@ -25,6 +28,7 @@ class RowStats(NamedTuple):
     aux: torch.Tensor
     student_label: torch.Tensor
     teacher_label: torch.Tensor
+    lse_gap: torch.Tensor
 
 
 @runtime_checkable
@@ -33,7 +37,8 @@ class RowBackend(Protocol):
 
     def row_stats(self, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, *,
                   divergence: str, tau: float, alpha: float, ignore_index: int) -> RowStats:
-        """One read of the student ``z`` and teacher ``u`` rows: log-sum-exps, D, labels."""
+        """One read of the student ``z`` and teacher ``u`` rows: log-sum-exps, D, labels
+        (jsd reads them twice)."""
 
     def label_logprob(self, x: torch.Tensor, labels: torch.Tensor, *, tau: float,
                       ignore_index: int) -> torch.Tensor:
@@ -42,5 +47,6 @@ class RowBackend(Protocol):
     def write_grad(self, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor,
                    out: torch.Tensor, stats: RowStats, ck: torch.Tensor, cc: torch.Tensor, *,
                    divergence: str, tau: float, alpha: float) -> None:
-        """Write d loss / d z into ``out`` (which may be ``z``) from the row stats and the
-        per-row coefficients ``ck`` (divergence) and ``cc`` (contrastive hinge)."""
+        """Write d loss / d z into ``out`` (which may be ``z``) from the row stats (all of
+        ``RowStats`` but the label log-probs are read) and the per-row coefficients ``ck``
+        (divergence) and ``cc`` (contrastive hinge)."""

@@ -106,8 +106,8 @@ class UniSDFunction(torch.autograd.Function):
         out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden,
                       call.teacher_hidden, call.num_items_in_batch)
 
-        ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats[:4],
-                              out.ck, out.cc, out.hidden_grad)
+        ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats, out.ck,
+                              out.cc, out.hidden_grad)
         ctx.call = call
         ctx.hidden_dtype = None if student_hidden is None else student_hidden.dtype
         ctx.mark_non_differentiable(out.kd, out.contrastive, out.feature, out.divergence,
@@ -118,7 +118,8 @@ class UniSDFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_):
-        z, u, labels, lse_s, lse_t, d, aux, ck, cc, hidden_grad = ctx.saved_tensors
+        z, u, labels, *saved = ctx.saved_tensors
+        stats, (ck, cc, hidden_grad) = RowStats(*saved[:7]), saved[7:]
         call = ctx.call
         cfg = call.config
         grad_z = grad_h = None
@@ -126,8 +127,8 @@ class UniSDFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_z = z if call.inplace_backward else torch.empty(z.shape, dtype=z.dtype,
                                                                  device=z.device)
-            call.backend.write_grad(z, u, labels, grad_z, (lse_s, lse_t, d, aux), ck * g,
-                                    cc * g, divergence=cfg.divergence, tau=cfg.temperature,
+            call.backend.write_grad(z, u, labels, grad_z, stats, ck * g, cc * g,
+                                    divergence=cfg.divergence, tau=cfg.temperature,
                                     alpha=cfg.jsd_alpha)
         if ctx.needs_input_grad[1] and hidden_grad is not None:
             grad_h = (hidden_grad * g).to(ctx.hidden_dtype)

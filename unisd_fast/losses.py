@@ -133,7 +133,7 @@ def unisd_loss(
     if which == "triton":
         from . import kernels as backend
     else:
-        backend = torch_backend
+        backend = torch_backend.default_backend()
     parts = unisd_fused(
         student_logits, teacher_logits, labels, backend=backend, config=cfg, views=views,
         view_logprobs=view_logprobs, negative_logits=negative_logits,

@@ -2,8 +2,10 @@
 
 Every fused implementation is tested against this file. It favours clarity over memory: it
 materialises full log-softmax tensors. Arithmetic runs in float32, or float64 when the inputs
-are float64, so a float64 call gives a float64 answer. It imports only the package's constants
-(``config.py``); the config argument only needs the attributes of ``UniSDConfig``.
+are float64, so a float64 call gives a float64 answer; float32 computes the divergence in
+the cancellation-free form of docs/losses.md (``stable.py``). It imports only the package's
+constants (``config.py``) and those formulas; the config argument only needs the attributes
+of ``UniSDConfig``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import torch
 
 from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
+from .stable import jsd_remainder, shifted_kl
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -24,20 +27,67 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
-def divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
-    """Per-row D between p_S = softmax(z/tau) and p_T = softmax(u/tau), last dim reduced."""
+def _xlogy_terms(p, diff):
+    """p * diff, 0 where p == 0 (a column of probability 0 contributes 0)."""
+    return p * torch.where(p == 0, 0.0, diff)
+
+
+def textbook_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
+    """D from the log-probabilities as docs/losses.md writes it."""
     log_ps = torch.log_softmax(z / tau, dim=-1)
     log_pt = torch.log_softmax(u / tau, dim=-1)
     if kind == "fkl":
-        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+        return _xlogy_terms(log_pt.exp(), log_pt - log_ps).sum(-1)
     if kind == "rkl":
-        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    if kind == "jsd":
-        log_m = torch.logaddexp(log_ps + math.log(1 - alpha), log_pt + math.log(alpha))
-        kl_tm = (log_pt.exp() * (log_pt - log_m)).sum(-1)
-        kl_sm = (log_ps.exp() * (log_ps - log_m)).sum(-1)
-        return alpha * kl_tm + (1 - alpha) * kl_sm
-    raise ValueError(f"unknown divergence {kind!r}")
+        return _xlogy_terms(log_ps.exp(), log_ps - log_pt).sum(-1)
+    both = (log_ps == -math.inf) & (log_pt == -math.inf)  # log M = -inf, no gradient
+    log_m = torch.logaddexp(torch.where(both, 0.0, log_ps + math.log(1 - alpha)),
+                            torch.where(both, 0.0, log_pt + math.log(alpha)))
+    kl_tm = _xlogy_terms(log_pt.exp(), log_pt - log_m).sum(-1)
+    kl_sm = _xlogy_terms(log_ps.exp(), log_ps - log_m).sum(-1)
+    return alpha * kl_tm + (1 - alpha) * kl_sm
+
+
+def divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
+    """Per-row D between p_S = softmax(z/tau) and p_T = softmax(u/tau), last dim reduced.
+
+    float64 inputs take the textbook formulas; float32 inputs the cancellation-free form of
+    docs/losses.md ("Accuracy when the student is close to the teacher"), except rows with
+    a -inf on one side only. A column of probability 0 contributes 0, so columns where z and
+    u are both -inf drop out.
+    """
+    if kind not in ("fkl", "rkl", "jsd"):
+        raise ValueError(f"unknown divergence {kind!r}")
+    textbook = textbook_divergence(z, u, kind, tau, alpha)
+    if z.dtype == torch.float64:
+        return textbook
+    one_sided = ((z == -math.inf) != (u == -math.inf)).any(-1)
+    return torch.where(one_sided, textbook, stable_divergence(z, u, kind, tau, alpha))
+
+
+def stable_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
+    """D in the shifted form: with dx = (z - u) / tau centred on its p_T-mean (a constant
+    shift), D_fkl = log E_pT[e^x] - E_pT[x] and D_rkl likewise with p_S and -x; jsd from
+    both and the second-order remainders of log M (docs/losses.md). Differentiable in z.
+    Columns with a -inf take dx = 0 (right where both sides are -inf)."""
+    log_ps = torch.log_softmax(z / tau, dim=-1)
+    log_pt = torch.log_softmax(u / tau, dim=-1)
+    p_s, p_t = log_ps.exp(), log_pt.exp()
+    dx = torch.where((z == -math.inf) | (u == -math.inf), 0.0, z - u) / tau
+    mu = (p_t * dx).sum(-1, keepdim=True).detach()
+    x = dx - mu
+    d_f, lg = shifted_kl(p_t, x, log_pt + x)
+    if kind == "fkl":
+        return d_f
+    d_r, _ = shifted_kl(p_s, -x, log_ps - x)
+    if kind == "rkl":
+        return d_r
+    log_a = torch.tensor(math.log(alpha), dtype=z.dtype)
+    log_1ma = torch.tensor(math.log1p(-alpha), dtype=z.dtype)
+    r = (lg + mu.squeeze(-1)).unsqueeze(-1) - dx
+    kl_tm = (1 - alpha) * d_f - (p_t * jsd_remainder(-r, log_1ma, log_a)).sum(-1)
+    kl_sm = alpha * d_r - (p_s * jsd_remainder(r, log_a, log_1ma)).sum(-1)
+    return alpha * kl_tm + (1 - alpha) * kl_sm
 
 
 def label_logprob(x, labels, mask, tau: float):

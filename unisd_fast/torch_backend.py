@@ -4,71 +4,148 @@
 same ``RowBackend`` interface (``backend.py``), but each pass works on a block of rows at a
 time, so no float32 tokens x vocab temporary is alive beyond one block (about
 ``CHUNK_ELEMENTS`` elements, none at all when compiled: the compiler fuses each pass into one
-loop) and the gradient itself. The per-block math is compiled with ``torch.compile`` where
-the compiler works; set ``UNISD_FAST_COMPILE=0`` to run it eagerly.
+loop) and the gradient itself. The per-block math follows docs/losses.md ("Accuracy when the
+student is close to the teacher") and is compiled with ``torch.compile`` where the compiler
+works; ``UNISD_FAST_COMPILE=0`` runs it eagerly. docs/kernels.md describes the passes.
+
+Compile state lives in a ``TorchBackend`` instance. Run-time scalars (tau, alpha) enter the
+compiled functions as 0-dim tensors and each divergence has its own function, so a process
+compiles at most one graph per (function, dtype, vocabulary size) and never recompiles for a
+new temperature or mixing weight.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 import warnings
 
 import torch
 
 from .backend import RowStats
+from .stable import jsd_remainder, log1p_alpha_expm1, shifted_kl
 
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
 COMPILE_MIN_ELEMENTS = 1 << 18
+NEG_INF = float("-inf")
 
 
-def _log_m(lp_s, lp_t, alpha: float):
-    return torch.logaddexp(lp_s + math.log(1 - alpha), lp_t + math.log(alpha))
+def _columns(zf, uf):
+    """Masks of columns where both sides are -inf (dropped: probability 0 on both sides) and
+    where exactly one side is (handled by the textbook formulas)."""
+    z_inf = zf == NEG_INF
+    u_inf = uf == NEG_INF
+    return z_inf & u_inf, z_inf ^ u_inf
 
 
-# Stats of one block: lse_S, lse_T, D (fkl, rkl or jsd), aux = KL(p_S||M) for jsd, and the
-# label log-probs s_y - lse_S, t_y - lse_T, with s = z / tau and t = u / tau.
-def _stats_block(z, u, y, tau: float, divergence: str, alpha: float):
-    s = z.float() / tau
-    t = u.float() / tau
+def _xlogy_terms(p, diff):
+    """p * diff with 0 where p == 0 (0 log 0 = 0)."""
+    return torch.where(p == 0, 0.0, p * diff)
+
+
+# Stats of one block of rows, with s = z / tau, t = u / tau, dx = s - t formed from z - u:
+#   lse_S, lse_T; mu = dx at the label (a shift, see stable.shifted_kl), x = dx - mu;
+#   fkl: D, L = shifted_kl(p_T, x), lse_S - lse_T = L + mu
+#   rkl: D, L = shifted_kl(p_S, -x), lse_S - lse_T = mu - L
+#   jsd: r = lp_T - lp_S = gap - dx; KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a),
+#        KL(p_S||M) = a D_rkl - sum p_S q(r; a), D = a KL(p_T||M) + (1-a) KL(p_S||M).
+# Rows with a one-sided -inf column, or whose shifted sums overflow, use the textbook forms.
+# Returns (lse_S, lse_T, D, aux, lp_S(y), lp_T(y), lse_S - lse_T).
+def _stats(z, u, y, tau, alpha, divergence: str):
+    zf = z.float()
+    uf = u.float()
+    s = zf / tau
+    t = uf / tau
+    both, one = _columns(zf, uf)
     lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
     lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
     lp_s = s - lse_s
     lp_t = t - lse_t
-    if divergence == "fkl":
-        d = (lp_t.exp() * (lp_t - lp_s)).sum(-1)
-        aux = torch.zeros_like(d)
-    elif divergence == "rkl":
-        d = (lp_s.exp() * (lp_s - lp_t)).sum(-1)
-        aux = torch.zeros_like(d)
+    p_s = lp_s.exp()
+    p_t = lp_t.exp()
+    dx = torch.where(both | one, 0.0, (zf - uf) / tau)
+    mu = dx.gather(-1, y.unsqueeze(-1))
+    mu = torch.where(mu.isfinite(), mu, 0.0)
+    x = dx - mu
+    classic_gap = (lse_s - lse_t).squeeze(-1)
+    ok = ~one.any(-1)
+    zeros = torch.zeros_like(classic_gap)
+    if divergence == "rkl":
+        d_r, lg = shifted_kl(p_s, -x, t + mu - lse_s)
+        ok = ok & d_r.isfinite()
+        gap = (mu.squeeze(-1) - lg)
+        classic = _xlogy_terms(p_s, lp_s - lp_t).sum(-1)
+        d = torch.where(ok, d_r, classic)
+        aux = zeros
     else:
-        log_m = _log_m(lp_s, lp_t, alpha)
-        aux = (lp_s.exp() * (lp_s - log_m)).sum(-1)
-        d = alpha * (lp_t.exp() * (lp_t - log_m)).sum(-1) + (1 - alpha) * aux
+        d_f, lg = shifted_kl(p_t, x, s - mu - lse_t)
+        ok = ok & d_f.isfinite()
+        gap = lg + mu.squeeze(-1)
+        if divergence == "fkl":
+            d = torch.where(ok, d_f, _xlogy_terms(p_t, lp_t - lp_s).sum(-1))
+            aux = zeros
+        else:
+            d_r, _ = shifted_kl(p_s, -x, t + mu - lse_s)
+            ok = ok & d_r.isfinite()
+            log_a = torch.log(alpha)
+            log_1ma = torch.log1p(-alpha)
+            r = torch.where(ok, gap, classic_gap).unsqueeze(-1) - dx
+            kl_tm = (1 - alpha) * d_f - _xlogy_terms(p_t, jsd_remainder(-r, log_1ma, log_a)).sum(-1)
+            kl_sm = alpha * d_r - _xlogy_terms(p_s, jsd_remainder(r, log_a, log_1ma)).sum(-1)
+            log_m = torch.logaddexp(lp_s + log_1ma, lp_t + log_a)
+            kl_tm = torch.where(ok, kl_tm, _xlogy_terms(p_t, lp_t - log_m).sum(-1))
+            kl_sm = torch.where(ok, kl_sm, _xlogy_terms(p_s, lp_s - log_m).sum(-1))
+            d = alpha * kl_tm + (1 - alpha) * kl_sm
+            aux = kl_sm
+    gap = torch.where(ok, gap, classic_gap)
     s_lab = lp_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     t_lab = lp_t.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return lse_s.squeeze(-1), lse_t.squeeze(-1), d, aux, s_lab, t_lab
+    return lse_s.squeeze(-1), lse_t.squeeze(-1), d, aux, s_lab, t_lab, gap
+
+
+def _stats_fkl(z, u, y, tau, alpha):
+    return _stats(z, u, y, tau, alpha, "fkl")
+
+
+def _stats_rkl(z, u, y, tau, alpha):
+    return _stats(z, u, y, tau, alpha, "rkl")
+
+
+def _stats_jsd(z, u, y, tau, alpha):
+    return _stats(z, u, y, tau, alpha, "jsd")
 
 
 # log_softmax(x / tau)[y] of one block; NaN on a row holding +inf, as in the reference.
-def _label_block(x, y, tau: float):
+def _label_block(x, y, tau):
     return torch.log_softmax(x.float() / tau, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
-# Gradient of one block, the formula of unisd_fast.kernels.grad, written into out:
-#   dz = (ck * g_div + cc * (onehot(y) - p_S)) / tau, and 0 on rows with ck = cc = 0.
-def _grad_block(out, z, u, y, lse_s, lse_t, d, aux, ck, cc, tau: float, divergence: str,
-                alpha: float):
-    lp_s = z.float() / tau - lse_s.unsqueeze(-1)
-    lp_t = u.float() / tau - lse_t.unsqueeze(-1)
+# Gradient of one block, written into out:
+#   dz = (ck * G + cc * (onehot(y) - p_S)) / tau, and 0 on rows with ck = cc = 0, with
+#   r = lp_T - lp_S = (u - z) / tau + (lse_S - lse_T) formed without cancellation and
+#   fkl: G = p_S - p_T = p_T expm1(-r)       (p_S - p_T directly where |r| >= 0.5)
+#   rkl: G = p_S (-r - D)
+#   jsd: G = (1-a) p_S (-log1p(a expm1(r)) - AUX)
+# Columns where both sides are -inf get 0; one-sided -inf columns use r = lp_T - lp_S.
+def _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence: str):
+    zf = z.float()
+    uf = u.float()
+    both, one = _columns(zf, uf)
+    lp_s = zf / tau - lse_s.unsqueeze(-1)
+    lp_t = uf / tau - lse_t.unsqueeze(-1)
     p_s = lp_s.exp()
+    p_t = lp_t.exp()
+    r = torch.where(both, 0.0, (uf - zf) / tau) + gap.unsqueeze(-1)
+    r = torch.where(one, lp_t - lp_s, r)
     if divergence == "fkl":
-        g_div = p_s - lp_t.exp()
+        near = r.abs() < 0.5
+        g_div = torch.where(near, p_t * torch.expm1(-torch.where(near, r, 0.0)), p_s - p_t)
     elif divergence == "rkl":
-        g_div = p_s * (lp_s - lp_t - d.unsqueeze(-1))
+        g_div = _xlogy_terms(p_s, -r - d.unsqueeze(-1))
     else:
-        g_div = (1 - alpha) * p_s * (lp_s - _log_m(lp_s, lp_t, alpha) - aux.unsqueeze(-1))
+        lms = log1p_alpha_expm1(r, torch.log(alpha), torch.log1p(-alpha))
+        g_div = (1 - alpha) * _xlogy_terms(p_s, -lms - aux.unsqueeze(-1))
     cols = torch.arange(z.shape[-1], device=z.device)
     onehot = (cols == y.unsqueeze(-1)).float()
     g = (ck.unsqueeze(-1) * g_div + cc.unsqueeze(-1) * (onehot - p_s)) / tau
@@ -76,47 +153,27 @@ def _grad_block(out, z, u, y, lse_s, lse_t, d, aux, ck, cc, tau: float, divergen
     out.copy_(torch.where(active, g, 0.0))
 
 
-def _compiled(fn):
-    if os.environ.get("UNISD_FAST_COMPILE", "1") == "0":
-        return None
-    try:
-        return torch.compile(fn)
-    except Exception:  # noqa: BLE001 - no working compiler: stay eager
-        return None
+def _grad_fkl(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "fkl")
 
 
-_COMPILED = {fn: _compiled(fn) for fn in (_stats_block, _label_block, _grad_block)}
+def _grad_rkl(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "rkl")
 
 
-def _run(fn, *args):
-    """fn on 2-D row blocks, compiled with a dynamic row count where possible. Blocks under
-    COMPILE_MIN_ELEMENTS run eagerly: there the compile time outweighs what it saves."""
-    compiled = _COMPILED[fn]
-    if compiled is None or args[0].numel() < COMPILE_MIN_ELEMENTS:
-        return fn(*args)
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.dim() > 0:
-            torch._dynamo.maybe_mark_dynamic(a, 0)
-    try:
-        return compiled(*args)
-    except Exception as error:  # noqa: BLE001 - a compiler that fails at run time: go eager
-        warnings.warn(f"unisd_fast: torch.compile failed ({type(error).__name__}: {error}); "
-                      "the CPU path runs eagerly from now on", RuntimeWarning, stacklevel=2)
-        for key in _COMPILED:
-            _COMPILED[key] = None
-        return fn(*args)
+def _grad_jsd(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "jsd")
 
 
-def row_ranges(N: int, V: int):
-    """[r0, r1) ranges of about CHUNK_ELEMENTS (CHUNK_ELEMENTS_EAGER uncompiled) elements."""
-    budget = CHUNK_ELEMENTS if _COMPILED[_grad_block] is not None else CHUNK_ELEMENTS_EAGER
-    rows = max(1, budget // V)
-    return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
+STATS = {"fkl": _stats_fkl, "rkl": _stats_rkl, "jsd": _stats_jsd}
+GRADS = {"fkl": _grad_fkl, "rkl": _grad_rkl, "jsd": _grad_jsd}
+BLOCK_FUNCTIONS = (*STATS.values(), *GRADS.values(), _label_block)
 
 
 class Rows:
-    """Rows r0:r1 of a (B, T, ...) tensor as a 2-D (or 1-D) block: a view when the layout
-    allows, else a block-sized copy."""
+    """A (B, T, ...) tensor seen as N = B * T rows: ``block(r0, r1)`` gives rows r0:r1 as a
+    2-D (or 1-D) tensor, a view when the layout allows and a block-sized copy otherwise;
+    ``write(r0, r1, value)`` stores into those rows."""
 
     def __init__(self, x):
         self.x = x
@@ -130,61 +187,119 @@ class Rows:
         r = torch.arange(r0, r1, device=self.x.device)
         return r // self.T, r % self.T
 
-    def __getitem__(self, rng):
-        r0, r1 = rng
+    def block(self, r0: int, r1: int):
         if self.flat is not None:
             return self.flat[r0:r1]
         return self.x[self._index(r0, r1)]
 
-    def __setitem__(self, rng, value):
-        r0, r1 = rng
+    def write(self, r0: int, r1: int, value):
         if self.flat is not None:
             self.flat[r0:r1] = value
         else:
             self.x[self._index(r0, r1)] = value
 
 
-def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore_index: int):
-    """Per-row (lse_S, lse_T, D, aux, s_y, t_y), each a float32 (B, T) tensor."""
-    B, T, V = z.shape
-    outs = torch.zeros((6, B * T), dtype=torch.float32, device=z.device)
-    zr, ur, yr = Rows(z), Rows(u), Rows(labels)
-    for rng in row_ranges(B * T, V):
-        y = yr[rng]
-        keep = y != ignore_index
-        values = _run(_stats_block, zr[rng], ur[rng], torch.where(keep, y, 0).long(), tau,
-                      divergence, alpha)
-        outs[:, rng[0]:rng[1]] = torch.where(keep, torch.stack(values), 0.0)
-    return RowStats(*outs.view(6, B, T).unbind(0))
+def _scalar(value: float, like: torch.Tensor):
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
-def label_logprob(x, labels, *, tau: float, ignore_index: int):
-    """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
-    B, T, V = x.shape
-    out = torch.zeros(B * T, dtype=torch.float32, device=x.device)
-    xr, yr = Rows(x), Rows(labels)
-    for rng in row_ranges(B * T, V):
-        y = yr[rng]
-        keep = y != ignore_index
-        value = _run(_label_block, xr[rng], torch.where(keep, y, 0).long(), tau)
-        out[rng[0]:rng[1]] = torch.where(keep, value, 0.0)
-    return out.view(B, T)
+class TorchBackend:
+    """The CPU ``RowBackend``: per-block passes, compiled per instance.
 
-
-def write_grad(z, u, labels, out, stats, ck, cc, *, divergence: str, tau: float, alpha: float):
-    """Write d loss / d z into ``out`` (may be ``z`` itself) from row stats and coefficients.
-
-    Rows with ck = cc = 0 (ignored, or clipped without hinge) are written as zeros, so
-    non-finite values there never reach the gradient.
+    ``compile=None`` reads ``UNISD_FAST_COMPILE`` (default on); ``compiler`` is the
+    ``torch.compile`` backend. A compiler that fails at run time turns this instance eager
+    for good, with one ``RuntimeWarning``.
     """
-    B, T, V = z.shape
-    zr, ur, yr, outr = Rows(z), Rows(u), Rows(labels), Rows(out)
-    flat = [t.reshape(-1) for t in (*stats[:4], ck, cc)]
-    for r0, r1 in row_ranges(B * T, V):
-        lse_s, lse_t, d, aux, ck_b, cc_b = (t[r0:r1] for t in flat)
-        block = outr.flat[r0:r1] if outr.flat is not None else torch.empty(
-            (r1 - r0, V), dtype=out.dtype, device=out.device)
-        _run(_grad_block, block, zr[r0, r1], ur[r0, r1], yr[r0, r1].long(), lse_s, lse_t, d,
-             aux, ck_b, cc_b, tau, divergence, alpha)
-        if outr.flat is None:
-            outr[r0, r1] = block
+
+    def __init__(self, compile: bool | None = None, compiler="inductor"):
+        if compile is None:
+            compile = os.environ.get("UNISD_FAST_COMPILE", "1") != "0"
+        self.compiled: dict = {}
+        if compile:
+            try:
+                self.compiled = {fn: torch.compile(fn, backend=compiler)
+                                 for fn in BLOCK_FUNCTIONS}
+            except Exception:  # noqa: BLE001 - no working compiler: stay eager
+                self.compiled = {}
+
+    @property
+    def is_compiled(self) -> bool:
+        return bool(self.compiled)
+
+    def row_ranges(self, n: int, vocab: int):
+        """[r0, r1) ranges of about CHUNK_ELEMENTS (CHUNK_ELEMENTS_EAGER uncompiled)."""
+        budget = CHUNK_ELEMENTS if self.is_compiled else CHUNK_ELEMENTS_EAGER
+        rows = max(1, budget // vocab)
+        return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+    def _run(self, fn, *args):
+        """fn on 2-D row blocks, compiled with a dynamic row count where possible. Blocks
+        under COMPILE_MIN_ELEMENTS run eagerly: there compiling costs more than it saves."""
+        compiled = self.compiled.get(fn)
+        block = args[0] if fn not in GRADS.values() else args[1]
+        if compiled is None or block.numel() < COMPILE_MIN_ELEMENTS:
+            return fn(*args)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - a compiler failing at run time: go eager
+            warnings.warn(f"unisd_fast: torch.compile failed ({type(error).__name__}: "
+                          f"{error}); the CPU path runs eagerly from now on", RuntimeWarning,
+                          stacklevel=3)
+            self.compiled = {}
+            return fn(*args)
+
+    def row_stats(self, z, u, labels, *, divergence: str, tau: float, alpha: float,
+                  ignore_index: int) -> RowStats:
+        """Per-row (lse_S, lse_T, D, aux, s_y, t_y, lse_S - lse_T), float32 (B, T) each."""
+        B, T, V = z.shape
+        outs = torch.zeros((7, B * T), dtype=torch.float32, device=z.device)
+        zr, ur, yr = Rows(z), Rows(u), Rows(labels)
+        tau_t, alpha_t = _scalar(tau, z), _scalar(alpha, z)
+        for r0, r1 in self.row_ranges(B * T, V):
+            y = yr.block(r0, r1)
+            keep = y != ignore_index
+            values = self._run(STATS[divergence], zr.block(r0, r1), ur.block(r0, r1),
+                               torch.where(keep, y, 0).long(), tau_t, alpha_t)
+            outs[:, r0:r1] = torch.where(keep, torch.stack(values), 0.0)
+        return RowStats(*outs.view(7, B, T).unbind(0))
+
+    def label_logprob(self, x, labels, *, tau: float, ignore_index: int):
+        """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
+        B, T, V = x.shape
+        out = torch.zeros(B * T, dtype=torch.float32, device=x.device)
+        xr, yr = Rows(x), Rows(labels)
+        tau_t = _scalar(tau, x)
+        for r0, r1 in self.row_ranges(B * T, V):
+            y = yr.block(r0, r1)
+            keep = y != ignore_index
+            value = self._run(_label_block, xr.block(r0, r1), torch.where(keep, y, 0).long(),
+                              tau_t)
+            out[r0:r1] = torch.where(keep, value, 0.0)
+        return out.view(B, T)
+
+    def write_grad(self, z, u, labels, out, stats: RowStats, ck, cc, *, divergence: str,
+                   tau: float, alpha: float) -> None:
+        """Write d loss / d z into ``out`` (may be ``z`` itself) from the row stats and the
+        coefficients. Rows with ck = cc = 0 (ignored, or clipped without hinge) are written
+        as zeros, so non-finite values there never reach the gradient."""
+        B, T, V = z.shape
+        zr, ur, yr, outr = Rows(z), Rows(u), Rows(labels), Rows(out)
+        rows = [t.reshape(-1) for t in (stats.lse_s, stats.lse_t, stats.lse_gap,
+                                        stats.divergence, stats.aux, ck, cc)]
+        tau_t, alpha_t = _scalar(tau, z), _scalar(alpha, z)
+        for r0, r1 in self.row_ranges(B * T, V):
+            block = outr.flat[r0:r1] if outr.flat is not None else torch.empty(
+                (r1 - r0, V), dtype=out.dtype, device=out.device)
+            self._run(GRADS[divergence], block, zr.block(r0, r1), ur.block(r0, r1),
+                      yr.block(r0, r1).long(), *(t[r0:r1] for t in rows), tau_t, alpha_t)
+            if outr.flat is None:
+                outr.write(r0, r1, block)
+
+
+@functools.cache
+def default_backend() -> TorchBackend:
+    """The process's shared ``TorchBackend`` (created on first use)."""
+    return TorchBackend()

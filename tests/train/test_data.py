@@ -176,3 +176,15 @@ def test_mechanism_flags_override_the_method():
     assert cfg.ema_settings() is None
     assert not loss.needs_negative and loss.clip == 5.0 and loss.needs_views
     assert TrainConfig(method="sd", ema_beta=0.5, ema_every=3).ema_settings() == (0.5, 3)
+
+
+def test_shipped_config_files_load():
+    from pathlib import Path
+
+    from unisd_fast.train.config import DEFAULT_CONFIG, load_config
+
+    root = Path(__file__).resolve().parents[2]
+    files = [DEFAULT_CONFIG, *sorted((root / "configs").glob("*.yaml"))]
+    assert len(files) >= 2
+    for path in files:
+        assert load_config(path).method == "unisd_star", path

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from unisd_fast.train import compare
-from unisd_fast.train.config import TrainConfig, parse_args
-from unisd_fast.train.tasks import Example, builtin_defaults, facts
+from unisd_fast.train.config import DEFAULT_CONFIG, TrainConfig, load_config, parse_args
+from unisd_fast.train.tasks import Example, facts
 
 pytest.importorskip("peft")
 
@@ -116,7 +116,7 @@ def test_default_run_settings_sit_below_explicit_flags():
     assert parse_args(["--lr", "1e-4"]).lr == 1e-4
     arithmetic = parse_args(["--data", "builtin:arithmetic"])
     assert arithmetic.lr == TrainConfig.lr and not facts.uses_facts(arithmetic)
-    assert builtin_defaults("builtin:facts", "some/model") == {}
+    assert parse_args(["--model", "some/model"]).lr == TrainConfig.lr
     with pytest.raises(ValueError, match="compare: 'nope'"):
         TrainConfig(compare="sd,nope")
 
@@ -143,7 +143,7 @@ def test_default_and_compare_runs_end_to_end(tmp_path, monkeypatch, capsys):
         save_final_model=False,
         eval_batch_size=64,
     )
-    cfg = TrainConfig(**{**builtin_defaults("builtin", "tiny"), **fast})
+    cfg = load_config(DEFAULT_CONFIG, **fast)
     summary = compare.run_reported(cfg.replace(output_dir=str(tmp_path / "one")))
     assert summary["step"] == 2 and "student accuracy" in capsys.readouterr().err
     lines = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
@@ -166,3 +166,17 @@ def test_the_default_run_teaches_the_facts(tmp_path):
     assert summary["first_eval"]["accuracy"] <= 0.1
     assert summary["eval"]["accuracy"] >= 0.8
     assert summary["eval"]["teacher_accuracy"] >= 0.8
+
+
+def test_bare_command_config_file_and_run_are_the_same_job(tmp_path, monkeypatch):
+    from unisd_fast.train import run
+
+    bare = parse_args([])
+    assert bare == parse_args(["--config", str(DEFAULT_CONFIG)]) == load_config(DEFAULT_CONFIG)
+    assert (bare.data, bare.lr, bare.lora_r, bare.max_steps) == ("builtin:facts", 2e-3, 0, 250)
+    monkeypatch.setattr(facts, "pretrain_config", lambda cfg: SMALL_BASE)
+    fast = dict(max_steps=1, eval_at_start=False, progress=False, save_final_model=False)
+    summary = run(load_config(DEFAULT_CONFIG, output_dir=str(tmp_path), **fast))
+    assert (tmp_path / facts.BASE_FOLDER / facts.PRETRAIN_RECORD).is_file()  # run prepares
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"] == str(tmp_path / facts.BASE_FOLDER) and summary["step"] == 1

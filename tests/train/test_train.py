@@ -177,7 +177,7 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     args = ["--output-dir", str(tmp_path), "--overwrite", "--data", str(data), "--no-progress"]
     assert main(args) == 2
     assert "d.jsonl:2: missing field 'prompt'" in capsys.readouterr().err
-    assert not (tmp_path / "checkpoint-000003").exists()
+    assert (tmp_path / "checkpoint-000003").exists()  # data errors come before any deletion
 
 
 def test_schedule_order_and_view_references_are_seeded():

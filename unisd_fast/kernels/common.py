@@ -44,3 +44,73 @@ def launch_geometry(vocab: int) -> tuple[int, int]:
 def strides_bt(x) -> tuple[int, int]:
     """Batch and time strides of a (B, T, ...) tensor."""
     return x.stride(0), x.stride(1)
+
+
+# The cancellation-free helpers of docs/losses.md ("Accuracy when the student is close to the
+# teacher"), Triton twins of unisd_fast/stable.py. No libdevice: series and exp/log only.
+
+# e^x - 1 - x for |x| < 0.5 (the caller masks x): x^2 (1/2! + x/3! + ... + x^7/9!).
+@triton.jit
+def expm1_minus_x_series(x):
+    p = 1.0 / 362880.0
+    p = p * x + 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    return x * x * p
+
+
+# log(1 + w) - w: for |w| < 0.25, with r = w / (2 + w), -w^2 / (2 + w) + 2 r^3 (1/3 + r^2/5
+# + ...); the direct difference above.
+@triton.jit
+def log1p_minus_w(w):
+    small = tl.abs(w) < 0.25
+    ws = tl.where(small, w, 0.0)
+    r = ws / (2.0 + ws)
+    r2 = r * r
+    p = 1.0 / 11.0
+    p = p * r2 + 1.0 / 9.0
+    p = p * r2 + 1.0 / 7.0
+    p = p * r2 + 1.0 / 5.0
+    p = p * r2 + 1.0 / 3.0
+    series = -ws * ws / (2.0 + ws) + 2.0 * r * r2 * p
+    return tl.where(small, series, tl.log(1.0 + w) - w)
+
+
+# (D, L) from the shifted sums of stable.shifted_kl: a = E_p[x], b = E_p[e^x - 1 - x],
+# L = log1p(a + b), D = b + (log1p(a + b) - (a + b)) for |a + b| < 0.25, else L - a.
+@triton.jit
+def shifted_kl_finish(a, b):
+    w = a + b
+    f = log1p_minus_w(w)
+    small = tl.abs(w) < 0.25
+    lg = tl.where(small, w + f, tl.log(1.0 + w))
+    d = tl.where(small, b + f, lg - a)
+    return d, lg
+
+
+# log((1 - k) + k e^y) and its second-order remainder q = that - k y, accurate for small y
+# (series) and finite for large y (log-add-exp); y = -inf gives log(1 - k).
+@triton.jit
+def mix_log_terms(y, k, log_k, log_1mk):
+    small = tl.abs(y) < 0.25
+    ys = tl.where(small, y, 0.0)
+    g = expm1_minus_x_series(ys)
+    w = k * (ys + g)
+    f = log1p_minus_w(w)
+    b = log_k + y
+    mx = tl.maximum(b, log_1mk)
+    far = mx + tl.log(tl.exp(log_1mk - mx) + tl.exp(b - mx))
+    lk = tl.where(small, w + f, far)
+    q = tl.where(small, k * g + f, far - k * y)
+    return lk, q
+
+
+# Running maximum that tolerates all -inf tiles: the exponent base is 0 while the maximum is
+# still -inf, so exp(x - base) is 0 for x = -inf and never NaN.
+@triton.jit
+def safe_base(m):
+    return tl.where(m == float("-inf"), 0.0, m)

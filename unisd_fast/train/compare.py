@@ -1,25 +1,22 @@
-"""Reports around ``unisd-train``: the before/after table of the default (facts) run and the
-``--compare`` runner (several methods from the same base, side by side, with a plot).
+"""Reports around ``unisd-train``: the before/after table of a run and the ``--compare``
+runner (several methods from the same base, side by side, with a plot).
 
-Both print to stderr, so that stdout stays the run's JSON summary, and append a
+Both print to stderr, so that stdout stays the run's JSON summary; ``run`` appends the
 ``{"kind": "summary", ...}`` record to each run's metrics.jsonl.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from .config import TrainConfig
-from .loop import check_output_dir, run
-from .tasks import builtin_name, facts
+from .config import METHOD_DEFAULTED, TrainConfig
+from .lock import output_dir_lock
+from .loop import check_output_dir, cpu_threads, run
+from .tasks import prepare_task
 
 log = logging.getLogger("unisd_fast.compare")
 
@@ -58,78 +55,46 @@ def comparison_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def append_summary(output_dir, record: dict) -> None:
-    with (Path(output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps({"kind": "summary", **record}) + "\n")
-
-
-@contextlib.contextmanager
-def _threads(cfg: TrainConfig):
-    """One intra-op thread for the facts task unless OMP_NUM_THREADS says otherwise: the tiny
-    model's matrices are too small to share, and on a busy 2-core machine a second thread
-    only waits on the first (measured 2-10x slower)."""
-    before = torch.get_num_threads()
-    if builtin_name(cfg.data) == "facts" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _prepare(cfg: TrainConfig) -> tuple[TrainConfig, float]:
-    """``cfg`` on the pre-trained facts base when it is the default run; the seconds spent."""
-    started = time.perf_counter()
-    if facts.uses_facts(cfg):
-        cfg = facts.prepare(cfg)
-    return cfg, time.perf_counter() - started
+def print_report(cfg: TrainConfig, summary: dict) -> None:
+    """The before/after table of a run that evaluated before and after training (stderr)."""
+    if not summary.get("first_eval") or not summary.get("eval"):
+        return
+    title = (
+        f"{cfg.data}, {cfg.method}, {summary['step']} steps: "
+        f"{summary['total_wall_time_s']:.0f} s in all ({summary['prepare_s']:.0f} s preparing)"
+    )
+    print(f"\n{title}\n{before_after_table(summary)}\n", file=sys.stderr)
 
 
 def run_reported(cfg: TrainConfig) -> dict:
-    """``run`` (or ``--compare``) with the facts pre-training first and a printed report."""
-    with _threads(cfg):
-        return run_compare(cfg) if cfg.compare else _run_one(cfg)
-
-
-def _run_one(cfg: TrainConfig) -> dict:
-    check_output_dir(cfg)
-    started = time.perf_counter()
-    cfg, pretrain_s = _prepare(cfg)
+    """``run`` (or ``--compare``) and its printed report."""
+    if cfg.compare:
+        return run_compare(cfg)
     summary = run(cfg)
-    summary["total_wall_time_s"] = time.perf_counter() - started
-    if builtin_name(cfg.data) == "facts":
-        append_summary(
-            cfg.output_dir,
-            {
-                "method": cfg.method,
-                "before": summary["first_eval"],
-                "after": summary["eval"],
-                "pretrain_s": pretrain_s,
-                "wall_time_s": summary["total_wall_time_s"],
-            },
-        )
-        title = (
-            f"facts task, {cfg.method}, {summary['step']} steps: "
-            f"{summary['total_wall_time_s']:.0f} s in all ({pretrain_s:.0f} s pre-training)"
-        )
-        print(f"\n{title}\n{before_after_table(summary)}\n", file=sys.stderr)
+    print_report(cfg, summary)
     return summary
 
 
 def run_compare(cfg: TrainConfig) -> dict:
-    """Train each method of ``cfg.compare`` from the same base in ``<output_dir>/<method>``."""
+    """Train each method of ``cfg.compare`` from the same base in ``<output_dir>/<method>``:
+    the task's preparation runs once, in ``<output_dir>``. Loss and EMA options apply to the
+    distillation methods only."""
     methods = [m.strip() for m in cfg.compare.split(",")]
     root = Path(cfg.output_dir)
-    runs = {m: cfg.replace(method=m, compare=None, output_dir=str(root / m)) for m in methods}
+    runs = {}
+    for m in methods:
+        only_distill = dict.fromkeys(METHOD_DEFAULTED) if m == "sft" else {}
+        runs[m] = cfg.replace(method=m, compare=None, output_dir=str(root / m), **only_distill)
     for method_cfg in runs.values():
         check_output_dir(method_cfg)
     started = time.perf_counter()
-    cfg, pretrain_s = _prepare(cfg)
+    with output_dir_lock(root), cpu_threads(cfg):
+        cfg = prepare_task(cfg)
+    pretrain_s = time.perf_counter() - started
     summaries = {}
     for method, method_cfg in runs.items():
         log.info("compare: training %s", method)
         summaries[method] = run(method_cfg.replace(model=cfg.model))
-        append_summary(method_cfg.output_dir, {"method": method, **summaries[method]})
     table = comparison_table(summaries)
     plot = plot_comparison(root, methods)
     result = {

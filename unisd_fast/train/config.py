@@ -1,8 +1,9 @@
 """TrainConfig: every option of ``unisd-train``, its command line and its config files.
 
 Flags are generated from the fields (``lora_r`` -> ``--lora-r``); ``--config file.yaml|json``
-supplies field values that explicit flags override. Loss options left at None take the
-method's defaults (``--method``); setting one switches that mechanism on or off by itself.
+supplies field values that explicit flags override. The loss fields are generated from
+UniSDConfig's, one each; left at None they take the method's defaults (``--method``), and
+setting one switches that mechanism on or off by itself.
 """
 
 from __future__ import annotations
@@ -10,41 +11,83 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import AGREEMENTS, DIVERGENCES, NORMALIZATIONS, PRESETS, UniSDConfig
-from .checkpoint import find_checkpoint, read_checkpoint_config
-from .tasks import builtin_defaults
+from ..config import (
+    AGREEMENT_STATS,
+    AGREEMENTS,
+    DIVERGENCES,
+    NORMALIZATIONS,
+    PRESETS,
+    UniSDConfig,
+)
+from .checkpoint import find_checkpoint
+from .resume import read_config
 
 METHODS = ("sft", "ema", *PRESETS)
 EMA_DEFAULTS = {"ema": (0.9, 10), "unisd_star": (0.98, 10)}
-LOSS_FIELDS = (
-    "divergence",
-    "jsd_alpha",
-    "temperature",
-    "clip",
-    "clip_quantile",
-    "agreement",
-    "agreement_gamma",
-    "view_temperature",
-    "contrastive_weight",
-    "contrastive_margin",
-    "feature_weight",
-    "kd_weight",
-    "normalize",
-)
+# One optional TrainConfig field per UniSDConfig field (None: the method's value).
+LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(UniSDConfig))
+LOSS_HELP = {
+    "divergence": "divergence",
+    "jsd_alpha": "JSD alpha (with --divergence jsd)",
+    "temperature": "logit temperature tau of the loss (default 0.7)",
+    "clip": "clip the per-token divergence at this value",
+    "clip_quantile": "clip the divergence at this batch quantile",
+    "agreement": "multi-teacher agreement weighting; bare --agreement = token",
+    "agreement_gamma": "agreement gamma",
+    "agreement_quantile": "quantile of the batch's disagreements that scales the agreement",
+    "agreement_cap": "cap of the scaled disagreement in the agreement weight",
+    "agreement_floor": "lower bound of the agreement weight",
+    "agreement_stat": "disagreement statistic over the views",
+    "view_temperature": "temperature of the view log-probs (default 1)",
+    "contrastive_weight": "weight of the contrastive hinge (0 = off)",
+    "contrastive_margin": "margin of the contrastive hinge",
+    "feature_weight": "weight of hidden-state feature matching (0 = off)",
+    "kd_weight": "weight of the divergence term",
+    "normalize": "loss normalisation",
+    "ignore_index": "label value of positions outside the loss",
+}
+LOSS_CHOICES = {
+    "divergence": DIVERGENCES,
+    "agreement": AGREEMENTS,
+    "agreement_stat": AGREEMENT_STATS,
+    "normalize": NORMALIZATIONS,
+}
 
 METHOD_DEFAULTED = (*LOSS_FIELDS, "ema_beta", "ema_every")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "facts.yaml"
 
 
 def _f(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+def _with_loss_fields(cls):
+    """Insert the optional loss fields (one per UniSDConfig field) after ``method``."""
+    annotations = {}
+    for name, hint in cls.__annotations__.items():
+        annotations[name] = hint
+        if name != "method":
+            continue
+        for f in dataclasses.fields(UniSDConfig):
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            annotations[f.name] = kind if "None" in kind else f"{kind} | None"
+            extra = {"choices": LOSS_CHOICES[f.name]} if f.name in LOSS_CHOICES else {}
+            if f.name == "agreement":
+                extra["const"] = "token"
+            help_text = LOSS_HELP.get(f.name, f"UniSDConfig.{f.name} (docs/losses.md)")
+            setattr(cls, f.name, _f(None, help_text, **extra))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@_with_loss_fields
 class TrainConfig:
     # model
     model: str = _f("tiny", "'tiny' (built locally, random init) or a transformers id/path")
@@ -70,7 +113,9 @@ class TrainConfig:
     )
     # data
     data: str = _f(
-        "builtin", "JSONL file (prompt, demonstration[, negative, answer]) or builtin[:NAME]"
+        "builtin:arithmetic",
+        "JSONL file (prompt, demonstration[, negative, answer]), or builtin:NAME of a built-in "
+        "task (builtin alone: facts)",
     )
     eval_data: str | None = _f(None, "held-out JSONL; default: hold out --eval-size examples")
     eval_size: int = _f(16, "examples held out of --data for evaluation when no --eval-data")
@@ -81,25 +126,7 @@ class TrainConfig:
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template when it has one")
     # method and loss
     method: str = _f("unisd_star", "training method", choices=METHODS)
-    divergence: str | None = _f(None, "divergence (method default)", choices=DIVERGENCES)
-    jsd_alpha: float | None = _f(None, "JSD alpha (with --divergence jsd)")
-    temperature: float | None = _f(None, "logit temperature tau of the loss (default 0.7)")
-    clip: float | None = _f(None, "clip the per-token divergence at this value")
-    clip_quantile: float | None = _f(None, "clip the divergence at this batch quantile")
-    agreement: str | None = _f(
-        None,
-        "multi-teacher agreement weighting; bare --agreement = token",
-        choices=AGREEMENTS,
-        const="token",
-    )
-    agreement_gamma: float | None = _f(None, "agreement gamma")
-    view_temperature: float | None = _f(None, "temperature of the view log-probs (default 1)")
     num_views: int = _f(3, "number of teacher views K (with agreement)")
-    contrastive_weight: float | None = _f(None, "weight of the contrastive hinge (0 = off)")
-    contrastive_margin: float | None = _f(None, "margin of the contrastive hinge")
-    feature_weight: float | None = _f(None, "weight of hidden-state feature matching (0 = off)")
-    kd_weight: float | None = _f(None, "weight of the divergence term")
-    normalize: str | None = _f(None, "loss normalisation", choices=NORMALIZATIONS)
     ema_beta: float | None = _f(None, "EMA teacher beta; 0 = no EMA (ema: 0.9, unisd_star: 0.98)")
     ema_every: int | None = _f(None, "EMA update every n optimizer steps (default 10)")
     loss_impl: str = _f(
@@ -128,6 +155,9 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps; 0 = --epochs over the training set")
     epochs: float = _f(1.0, "epochs when --max-steps is 0")
     seed: int = _f(42, "seed of the model init, data order, views and sampling")
+    max_bad_steps: int = _f(
+        10, "stop after this many consecutive steps skipped for a non-finite loss or gradient"
+    )
     # outputs
     output_dir: str = _f("runs/unisd", "metrics.jsonl, checkpoints and the final model go here")
     eval_every: int = _f(0, "evaluate every n steps (0 = only before and after training)")
@@ -167,6 +197,8 @@ class TrainConfig:
                 value = float(value)
                 setattr(self, f.name, value)
             _check_type(f.name, value, hints[f.name])
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be finite, got {value}")
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {choices}, got {value!r}")
@@ -179,6 +211,7 @@ class TrainConfig:
             "max_prompt_tokens",
             "eval_batch_size",
             "keep_checkpoints",
+            "max_bad_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -206,11 +239,35 @@ class TrainConfig:
         for name in (self.compare or "").split(","):
             if self.compare is not None and name.strip() not in METHODS:
                 raise ConfigError(f"compare: {name.strip()!r} is not a method of {METHODS}")
+        self._check_combinations()
         if self.method != "sft":
             try:
                 self.loss_config()
             except (TypeError, ValueError) as e:
                 raise ConfigError(str(e).replace("UniSDConfig.", "")) from None
+
+    def _check_combinations(self) -> None:
+        if self.method == "sft":
+            given = [n for n in METHOD_DEFAULTED if getattr(self, n) is not None]
+            if given:
+                flags = ", ".join("--" + n.replace("_", "-") for n in given)
+                raise ConfigError(
+                    f"method sft trains with cross-entropy on the demonstrations and takes no "
+                    f"loss or EMA option; got {flags} (drop them or pick a distillation method)"
+                )
+        if self.resume is not None and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite exclude each other: --resume continues the run in "
+                "--output-dir, --overwrite deletes its checkpoints to start afresh"
+            )
+        if self.dtype == "float16" and self.lora_r == 0:
+            raise ConfigError(
+                "dtype float16 with full fine-tuning (lora_r 0) is refused: the weights, AdamW's "
+                "state and its updates would all be float16, where AdamW's eps (1e-8) underflows "
+                "to 0 and the weights turn NaN within a few steps (there is no float32 master "
+                "copy or loss scaling); use --dtype bfloat16 or float32, or LoRA (--lora-r > 0, "
+                "peft keeps the adapters in float32)"
+            )
 
     def loss_config(self) -> UniSDConfig:
         """The method's UniSDConfig preset with every loss field that is set overriding it."""
@@ -295,10 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unisd-train",
         description="UniSD on-policy self-distillation of a causal LM (and its baselines).",
-        epilog="The default run (--data builtin --model tiny) is the built-in facts task "
-        "(unisd_fast.facts): it pre-trains the tiny model once, then trains with these values "
-        "in place of the defaults above: "
-        + ", ".join(f"{k}={v}" for k, v in builtin_defaults("builtin:facts", "tiny").items()),
+        epilog="Without --config, --data and --model, unisd-train runs the default job: the "
+        f"config file {DEFAULT_CONFIG} (UniSD* on the built-in facts task), which the flags "
+        "given override.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML or JSON file of field values; flags override it")
@@ -322,17 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_config(path, **overrides) -> TrainConfig:
+    """TrainConfig from a YAML or JSON file of field values (the other fields at their
+    defaults), with ``overrides`` on top: ``run(load_config(path))`` does what
+    ``unisd-train --config path`` does."""
+    return TrainConfig(**{**load_config_file(path), **overrides})
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """TrainConfig from the command line: defaults < the builtin task's defaults (facts on the
-    tiny model, :func:`unisd_fast.data.builtin_defaults`) < the resumed checkpoint's config <
-    ``--config`` file < explicit flags."""
+    """TrainConfig from the command line. Precedence, lowest first: field defaults, the default
+    run's file (:data:`DEFAULT_CONFIG`, only when none of ``--config``, ``--data`` and
+    ``--model`` is given), the resumed checkpoint's config, the ``--config`` file, flags."""
     args = vars(build_parser().parse_args(argv))
+    bare = not {"config", "data", "model"} & args.keys()
     values = load_config_file(args.pop("config")) if "config" in args else {}
+    defaults = load_config_file(DEFAULT_CONFIG) if bare else {}
     values.update(args)
-    task = values.get("data", TrainConfig.data), values.get("model", TrainConfig.model)
-    defaults = builtin_defaults(*task)
     if values.get("resume"):
         output_dir = values.get("output_dir", defaults.get("output_dir", TrainConfig.output_dir))
-        saved = read_checkpoint_config(find_checkpoint(values["resume"], output_dir))
+        saved = read_config(find_checkpoint(values["resume"], output_dir))
+        for name in ("resume", "overwrite", "compare"):
+            saved.pop(name, None)
         values = {**saved, **values}
     return TrainConfig(**{**defaults, **values})

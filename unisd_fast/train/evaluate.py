@@ -7,10 +7,47 @@ token mean of KL(p_tuned || p_base) over the same positions.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import torch
 
 from .rollout import generate
 from .teachers import Scorer, completion_forward
+
+log = logging.getLogger("unisd_fast.train")
+
+
+def limit_eval_prompts(task, encode, limit: int, teacher: bool = True):
+    """``task`` without the evaluation examples whose prompt (or teacher prompt, when the
+    teacher is evaluated) is longer than ``limit`` tokens, and without such retention
+    prompts: run once before any generation, so that no prompt outgrows the model's
+    context or memory. The number dropped is logged."""
+
+    def fits(text: str) -> bool:
+        return len(encode(text)) <= limit
+
+    kept = [
+        ex
+        for ex in task.eval
+        if fits(ex.prompt)
+        and (not teacher or fits(task.templates.teacher_text(ex.prompt, ex.demonstration)))
+    ]
+    retention = task.retention_prompts
+    if retention is not None:
+        retention = [p for p in retention if fits(p)]
+    dropped = len(task.eval) - len(kept)
+    dropped_retention = len(task.retention_prompts or ()) - len(retention or ())
+    if dropped or dropped_retention:
+        log.warning(
+            "dropped %d evaluation examples and %d retention prompts longer than "
+            "max_prompt_tokens=%d; %d evaluation examples left",
+            dropped,
+            dropped_retention,
+            limit,
+            len(kept),
+        )
+    return dataclasses.replace(task, eval=kept, retention_prompts=retention)
 
 
 def _texts(tokenizer, completion, mask, eos_ids) -> list[str]:

@@ -7,20 +7,25 @@ step's loss over y's positions (exact across micro-batches and ranks); then clip
 cosine schedule, and the EMA teacher update. Under torchrun the student is wrapped by DDP or
 sharded by FSDP2 (:mod:`.distributed`).
 
-``run(cfg)`` is the programmatic entry (it returns a summary dict); ``cli.main(argv)``
-parses the command line into a TrainConfig and calls it.
+``run(cfg)`` is the programmatic entry (it returns a summary dict): it locks the output
+folder, checks the environment, data and resumed checkpoint before building anything, runs
+the task's one-off preparation, then ``train``. ``cli.main(argv)`` parses the command line
+into a TrainConfig and calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +37,21 @@ from . import distributed as distributed_
 from .checkpoint import (
     find_checkpoint,
     list_checkpoints,
-    load_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from .config import TrainConfig
-from .evaluate import evaluate
+from .evaluate import evaluate, limit_eval_prompts
+from .guard import StepGuard, check_finite
+from .lock import output_dir_lock
 from .models.tiny import build_tiny_model, build_tokenizer
+from .preflight import preflight
 from .prompts import PromptEncoder
+from .resume import check_compatible, check_state_file, continue_schedule, read_config, read_state
 from .rollout import generation_config
 from .step import StepMemory, StepSetup, accumulate
-from .tasks import Task, load_task
+from .tasks import Task, builtin_task, load_task, prepare_task
 from .teachers import EMATeacher, Runner, Scorer
 
 log = logging.getLogger("unisd_fast.train")
@@ -159,17 +167,16 @@ def prepare_items(task: Task, encode: PromptEncoder, cfg: TrainConfig, eos_id: i
         negative = None
         if ex.negative is not None:
             negative = encode(task.templates.teacher_text(ex.prompt, ex.negative))
-        if max(len(teacher), len(negative or [])) > cfg.max_prompt_tokens:
+        student = encode(ex.prompt)
+        if max(len(student), len(teacher), len(negative or [])) > cfg.max_prompt_tokens:
             too_long += 1
             continue
         items.append(
-            Item(
-                i, encode(ex.prompt), teacher, negative, encode.completion(ex.demonstration, eos_id)
-            )
+            Item(i, student, teacher, negative, encode.completion(ex.demonstration, eos_id))
         )
     if no_negative or too_long:
         log.info(
-            "dropped %d examples without a negative, %d with a prompt over %d tokens",
+            "dropped %d training examples without a negative, %d with a prompt over %d tokens",
             no_negative,
             too_long,
             cfg.max_prompt_tokens,
@@ -287,26 +294,94 @@ def check_output_dir(cfg: TrainConfig):
     return resume_from, stale
 
 
+@contextlib.contextmanager
+def cpu_threads(cfg: TrainConfig):
+    """The task's intra-op thread count for the block (CPU runs, OMP_NUM_THREADS unset)."""
+    entry = builtin_task(cfg.data)
+    before = torch.get_num_threads()
+    wanted = entry.cpu_threads if entry is not None else None
+    if wanted and "OMP_NUM_THREADS" not in os.environ and resolve_device(cfg).type == "cpu":
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def append_summary(output_dir, record: dict) -> None:
+    with (Path(output_dir) / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "summary", **record}) + "\n")
+
+
 def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
     """Train as ``cfg`` says and return a summary: ``output_dir``, ``step``, ``train`` (the
     last step's metrics), ``first_eval`` and ``eval`` (first and last evaluation records),
-    ``checkpoint`` (last checkpoint folder) and ``wall_time_s``. ``task`` replaces the one
-    ``cfg.data`` names (see :mod:`unisd_fast.data`). ``sampler`` ``(positions, items) ->
-    completions`` (token lists) replaces sampling from the student (fixed completions)."""
+    ``checkpoint`` (last checkpoint folder), ``wall_time_s`` (training), ``prepare_s`` (the
+    task's preparation) and ``total_wall_time_s``; the same goes to metrics.jsonl as a
+    ``summary`` record. ``task`` replaces the one ``cfg.data`` names (:mod:`.tasks`).
+    ``sampler`` ``(positions, items) -> completions`` (token lists) replaces sampling from the
+    student (fixed completions). Under torchrun the process group is joined first
+    (:mod:`.distributed`); rank 0 prepares the task before the other ranks.
+
+    Before any model is built: the output folder is locked against other runs and cleared of
+    an interrupted run's temporary folders, and the environment, the data and the resumed
+    checkpoint are checked (:mod:`.preflight`, :mod:`.resume`)."""
     cfg.validate()
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
-    device = resolve_device(cfg)
-    par = distributed_.setup(cfg.parallel, device)
-    device = distributed_.local_device(device, par)
+    par = distributed_.setup(cfg.parallel, resolve_device(cfg))
     try:
-        return _run(cfg, task, sampler, started, out, device, par)
+        return _checked_run(cfg, task, sampler, started, par)
     finally:
         distributed_.teardown(par)
 
 
-def _run(cfg, task, sampler, started, out, device, par) -> dict:
+def _checked_run(cfg, task, sampler, started, par) -> dict:
+    with output_dir_lock(cfg.output_dir), cpu_threads(cfg):
+        resume_from, _ = check_output_dir(cfg)
+        saved = None
+        if resume_from is not None:
+            saved = read_config(resume_from)
+            check_state_file(resume_from)
+        task = preflight(cfg, task)
+        if par.is_main:
+            cfg = prepare_task(cfg)
+        distributed_.barrier(par)
+        if not par.is_main:
+            cfg = prepare_task(cfg)
+        if saved is not None:
+            check_compatible(saved, cfg, resume_from)
+        prepare_s = time.perf_counter() - started
+        summary = train(cfg, task, sampler, par)
+        summary.update(prepare_s=prepare_s, total_wall_time_s=time.perf_counter() - started)
+        if not par.is_main:
+            return summary
+        append_summary(
+            cfg.output_dir,
+            {
+                "method": cfg.method,
+                "before": summary["first_eval"],
+                "after": summary["eval"],
+                "pretrain_s": prepare_s,
+                "wall_time_s": summary["total_wall_time_s"],
+            },
+        )
+    return summary
+
+
+def train(cfg: TrainConfig, task: Task | None = None, sampler=None, par=None) -> dict:
+    """The training itself (see :func:`run`, which checks and prepares first); ``par``: this
+    process's place under torchrun (default: a single process)."""
+    cfg.validate()
+    if par is None:
+        par = distributed_.setup(cfg.parallel, resolve_device(cfg))
+        try:
+            return train(cfg, task, sampler, par)
+        finally:
+            distributed_.teardown(par)
+    started = time.perf_counter()
+    device = distributed_.local_device(resolve_device(cfg), par)
     main = par.is_main
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_from, stale = check_output_dir(cfg)
     distributed_.barrier(par)
@@ -351,6 +426,7 @@ def _run(cfg, task, sampler, started, out, device, par) -> dict:
         torch.manual_seed(cfg.seed + par.rank)
 
     encode = PromptEncoder(tokenizer, cfg.chat_template)
+    task = limit_eval_prompts(task, encode, cfg.max_prompt_tokens, cfg.eval_teacher)
     pad_id = tokenizer.pad_token_id
     ctx = Context(
         cfg,
@@ -387,15 +463,16 @@ def _run(cfg, task, sampler, started, out, device, par) -> dict:
     if resume_from is not None:
         if par.mode == "fsdp":
             state = dcp.load(resume_from, runner, optimizer, ema, par)
+            if ema is not None:
+                ema.num_updates = state["ema_updates"]
         else:
-            state = load_state(resume_from)
+            state = read_state(resume_from)
             load_trainable_state(student, state["student"], lora)
             optimizer.load_state_dict(state["optimizer"])
             if ema is not None:
                 ema.load_state_dict(state["ema"])
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and par.mode == "fsdp":
-            ema.num_updates = state["ema_updates"]
+        continue_schedule(scheduler)
         if state.get("world_size", 1) != par.world_size:
             raise ValueError(
                 f"resume: {resume_from} was written by {state.get('world_size', 1)} processes; "
@@ -405,6 +482,7 @@ def _run(cfg, task, sampler, started, out, device, par) -> dict:
         set_rng_state(state.get("rng_ranks", [state["rng"]])[par.rank])
         log.info("resumed from %s at step %d", resume_from, step)
     metrics = Metrics(out / "metrics.jsonl" if main else None, list(records))
+    guard = StepGuard(cfg.max_bad_steps, records)
 
     def do_eval():
         record = {
@@ -419,6 +497,14 @@ def _run(cfg, task, sampler, started, out, device, par) -> dict:
             )
 
     def do_save():
+        local = distributed_.local_tensor
+        student_state = trainable_state(student, lora)
+        check_finite({k: local(v) for k, v in student_state.items()}, f"the student at step {step}")
+        if ema is not None:
+            teacher_state = ema.state_dict()["model"]
+            check_finite(
+                {k: local(v) for k, v in teacher_state.items()}, f"the EMA teacher at step {step}"
+            )
         rngs = distributed_.gather_objects(rng_state(), par)
         meta = {
             "step": step,
@@ -465,10 +551,19 @@ def _run(cfg, task, sampler, started, out, device, par) -> dict:
         record = {"kind": "train", "step": step + 1, **accumulate(ctx, setup, micro_batches)}
         grad_norm = distributed_.clip_grad_norm(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+        nonfinite = guard.check([record["loss"]], grad_norm)
+        if nonfinite == "none":
+            optimizer.step()
+            scheduler.step()
+        else:
+            log.warning("step %d skipped: non-finite %s", step + 1, nonfinite)
+            with warnings.catch_warnings():  # torch's "scheduler before optimizer" warning
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
         step += 1
-        ema_updated = ema.maybe_update(own, step) if ema is not None else False
+        ema_updated = False
+        if ema is not None and nonfinite == "none":
+            ema_updated = ema.maybe_update(own, step)
         elapsed = time.perf_counter() - t0
         tokens = record["tokens"]
         record.update(
@@ -478,8 +573,12 @@ def _run(cfg, task, sampler, started, out, device, par) -> dict:
             step_time_s=elapsed,
             peak_mem_mb=distributed_.all_reduce_max(memory.peak_mb(), par, device),
             ema_updated=ema_updated,
+            skipped=nonfinite != "none",
+            nonfinite=nonfinite,
+            skipped_steps=guard.skipped,
         )
         metrics.write(record)
+        guard.stop_if_diverged(step, nonfinite)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if step == steps or (cfg.eval_every and step % cfg.eval_every == 0):

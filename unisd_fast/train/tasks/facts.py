@@ -52,22 +52,6 @@ TEMPLATES = PromptTemplates(
 BASE_FOLDER = "base_model"
 PRETRAIN_RECORD = "pretrain.json"
 
-# TrainConfig values of the default run (explicit flags and config files override them).
-TRAIN_DEFAULTS = {
-    "tiny_arch": "llama",
-    "tiny_hidden_size": 128,
-    "tiny_layers": 2,
-    "lora_r": 0,
-    "lr": 2e-3,
-    "batch_size": 32,
-    "max_new_tokens": CODE_DIGITS + 1,
-    "max_steps": 250,
-    "eval_every": 25,
-    "eval_batch_size": 64,
-    "output_dir": "runs/facts",
-}
-
-
 def random_key(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(KEY_LENGTH))
 
@@ -285,5 +269,8 @@ def pretrain_config(cfg) -> PretrainConfig:
 
 
 def prepare(cfg):
-    """``cfg`` with ``model`` pointing at the pre-trained base (built once, then cached)."""
+    """``cfg`` with ``model`` pointing at the pre-trained base (built once, then cached) when
+    it trains the tiny model; a pretrained ``model`` is used as it is."""
+    if not uses_facts(cfg):
+        return cfg
     return cfg.replace(model=str(pretrained_base(cfg.output_dir, pretrain_config(cfg))))

@@ -1,0 +1,85 @@
+"""Cancellation-free pieces of the divergences when the student is close to the teacher.
+
+PyTorch forms of the functions of docs/losses.md, "Accuracy when the student is close to the
+teacher", shared by the CPU backend and the float32 path of the reference. The Triton kernels
+have their own copies (``kernels/common.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below these magnitudes the series are used; above them the direct forms lose no digits.
+EXPM1_SERIES_MAX = 0.5
+LOG1P_SERIES_MAX = 0.25
+GRAD_SERIES_MAX = 0.5
+
+# 1/2!, 1/3!, ..., 1/9!: e^x - 1 - x = x^2 (1/2! + x/3! + ...), truncation < 3e-9 relative.
+_EXP_COEFFS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880)
+# 1/3, 1/5, ...: 2 atanh(r) - 2r = 2 r^3 (1/3 + r^2/5 + ...).
+_ATANH_COEFFS = (1 / 3, 1 / 5, 1 / 7, 1 / 9, 1 / 11)
+
+
+def _horner(x, coeffs):
+    acc = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = acc * x + c
+    return acc
+
+
+def expm1_minus_x(x):
+    """e^x - 1 - x with full relative accuracy (a series for |x| < 0.5)."""
+    small = x.abs() < EXPM1_SERIES_MAX
+    xs = torch.where(small, x, 0.0)
+    return torch.where(small, xs * xs * _horner(xs, _EXP_COEFFS), torch.expm1(x) - x)
+
+
+def log1p_minus_w(w):
+    """log(1 + w) - w with full relative accuracy: for |w| < 0.25, with r = w / (2 + w),
+    log(1 + w) = 2 atanh(r), so log(1 + w) - w = -w^2 / (2 + w) + 2 r^3 (1/3 + r^2/5 + ...)."""
+    small = w.abs() < LOG1P_SERIES_MAX
+    ws = torch.where(small, w, 0.0)
+    r = ws / (2 + ws)
+    r2 = r * r
+    series = -ws * ws / (2 + ws) + 2 * r * r2 * _horner(r2, _ATANH_COEFFS)
+    return torch.where(small, series, torch.log1p(w) - w)
+
+
+def shifted_kl(p, x, log_pe):
+    """(D, L) with L = log E_p[e^x] and D = L - E_p[x], reduced over the last dimension.
+
+    ``p`` are normalised weights, ``x`` the (shifted) log-ratio and ``log_pe`` = log(p e^x),
+    used where |x| is large so that nothing overflows. With a = E_p[x] and
+    b = E_p[e^x - 1 - x] >= 0: L = log1p(a + b) and D = b + (log1p(a + b) - (a + b)), two
+    terms with no cancellation when a + b is small; for |a + b| >= 0.25 D = L - a directly.
+    """
+    a = (p * x).sum(-1)
+    small = x.abs() < EXPM1_SERIES_MAX
+    term = torch.where(small, p * expm1_minus_x(torch.where(small, x, 0.0)),
+                       torch.exp(log_pe) - p - p * x)
+    b = term.sum(-1)
+    w = a + b
+    lg = torch.log1p(w)
+    d = torch.where(w.abs() < LOG1P_SERIES_MAX, b + log1p_minus_w(w), lg - a)
+    return d, lg
+
+
+def log1p_alpha_expm1(r, log_a, log_1ma):
+    """log((1 - a) + a e^r) = log1p(a expm1(r)), accurate for small r and finite for large."""
+    small = r.abs() < EXPM1_SERIES_MAX
+    a = torch.exp(log_a)
+    near = torch.log1p(a * torch.expm1(torch.where(small, r, 0.0)))
+    far = torch.logaddexp(log_1ma.expand_as(r), log_a + r)
+    return torch.where(small, near, far)
+
+
+def jsd_remainder(r, log_a, log_1ma):
+    """q(r) = log1p(a expm1(r)) - a r, second order in r: a (e^r - 1 - r) + f(a expm1(r))
+    with f = log1p_minus_w for small r, the direct difference otherwise."""
+    small = r.abs() < LOG1P_SERIES_MAX
+    rs = torch.where(small, r, 0.0)
+    a = torch.exp(log_a)
+    g = expm1_minus_x(rs)
+    near = a * g + log1p_minus_w(a * (rs + g))
+    far = log1p_alpha_expm1(r, log_a, log_1ma) - a * r
+    return torch.where(small, near, far)
