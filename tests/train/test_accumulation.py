@@ -35,15 +35,14 @@ def build(method: str, normalize: str, loss_path: str):
     vocab = len(tokenizer)
     model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, seed=0).double()
     teacher = Runner(copy.deepcopy(model).requires_grad_(False))
-    overrides = {} if method == "sft" else {"agreement": "sequence", "agreement_gamma": 0.5}
+    overrides = {"agreement": "sequence", "agreement_gamma": 0.5, "normalize": normalize}
     cfg = TrainConfig(
         method=method,
-        normalize=normalize,
         num_views=VIEWS,
         loss_impl="reference" if loss_path == "logits" else "torch",
         loss_path=loss_path,
         lora_r=0,
-        **overrides,
+        **({} if method == "sft" else overrides),
     )
     rng = random.Random(0)
     items = [
@@ -74,9 +73,15 @@ def gradient(model, ctx, setup, batches):
     return {n: p.grad.clone() for n, p in model.named_parameters()}, record
 
 
-@pytest.mark.parametrize("normalize", ["token", "sequence"])
 @pytest.mark.parametrize(
-    "method, loss_path", [("unisd_star", "linear"), ("unisd_star", "logits"), ("sft", "logits")]
+    "method, loss_path, normalize",
+    [
+        ("unisd_star", "linear", "token"),
+        ("unisd_star", "linear", "sequence"),
+        ("unisd_star", "logits", "token"),
+        ("unisd_star", "logits", "sequence"),
+        ("sft", "logits", "sequence"),  # SFT is always per-sequence
+    ],
 )
 def test_accumulated_step_equals_one_big_micro_batch(method, loss_path, normalize):
     model, ctx, setup, items = build(method, normalize, loss_path)

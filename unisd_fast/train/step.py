@@ -166,10 +166,10 @@ def distill_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
 
 
 def sft_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
-    """Cross-entropy on the gold completions, normalised like the distillation loss."""
+    """Cross-entropy on the gold completions: per-sequence means, a share of the mean over
+    the step's sequences (SFT always normalises by sequence)."""
     prompts = [it.student for it in micro.items]
     gold, mask = micro.completion, micro.mask
-    token = norm["num_items"] is not None
 
     def loss_of(model):
         hidden = completion_hidden(model, prompts, gold, mask, ctx.pad_id)
@@ -177,8 +177,6 @@ def sft_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold, reduction="none")
         m = mask.float()
-        if token:
-            return (nll * m).sum() / norm["num_items"]
         return ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
     loss = setup.runner(loss_of)
@@ -192,8 +190,7 @@ def normaliser(ctx, setup: StepSetup, micros: list[Micro]) -> dict:
     ``share(micro)``, the factor that turns a micro-batch's loss into its share."""
     local = [sum(float(m.mask.sum()) for m in micros), float(sum(len(m.items) for m in micros))]
     tokens, sequences = all_reduce_sum(local, setup.par, ctx.device)
-    cfg_norm = setup.loss_cfg.normalize if setup.loss_cfg is not None else ctx.cfg.normalize
-    if cfg_norm == "token":
+    if setup.loss_cfg is not None and setup.loss_cfg.normalize == "token":
         return {"num_items": max(tokens, 1.0), "share": lambda m: 1.0, "tokens": tokens}
     return {"num_items": None, "share": lambda m: len(m.items) / sequences, "tokens": tokens}
 
