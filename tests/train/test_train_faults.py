@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unisd_fast.config import UniSDConfig
-from unisd_fast.train import loop, main, run
+from unisd_fast.train import loop, main, run, step
 from unisd_fast.train.config import ConfigError, TrainConfig, parse_args
 from unisd_fast.train.guard import TrainingDiverged
 from unisd_fast.train.lock import LOCK_NAME, OutputDirLocked
@@ -59,10 +59,10 @@ def student_state(checkpoint):
 
 def poison_steps(monkeypatch, steps, what):
     """Make the given (1-based) steps' gradient or loss NaN."""
-    original, calls = loop.sft_micro, []
+    original, calls = step.sft_micro, []
 
-    def micro(ctx, items):
-        stats = original(ctx, items)
+    def micro(ctx, setup, batch, norm):
+        stats = original(ctx, setup, batch, norm)
         calls.append(None)
         if len(calls) in steps:
             if what == "gradient":
@@ -72,7 +72,7 @@ def poison_steps(monkeypatch, steps, what):
                 stats["loss"] = float("nan")
         return stats
 
-    monkeypatch.setattr(loop, "sft_micro", micro)
+    monkeypatch.setattr(step, "sft_micro", micro)
 
 
 def no_model(monkeypatch):
@@ -131,15 +131,15 @@ def test_nonfinite_weights_are_never_saved(tmp_path, data, monkeypatch):
 
 
 def test_zero_gradient_for_many_steps_warns(tmp_path, data, monkeypatch, caplog):
-    original = loop.sft_micro
+    original = step.sft_micro
 
-    def micro(ctx, items):
-        stats = original(ctx, items)
+    def micro(ctx, setup, batch, norm):
+        stats = original(ctx, setup, batch, norm)
         for p in ctx.student.parameters():
             p.grad.zero_()
         return stats
 
-    monkeypatch.setattr(loop, "sft_micro", micro)
+    monkeypatch.setattr(step, "sft_micro", micro)
     cfg = TrainConfig(max_steps=5, output_dir=str(tmp_path / "o"), **data, **TINY)
     with caplog.at_level(logging.WARNING, logger="unisd_fast.train"):
         run(cfg)

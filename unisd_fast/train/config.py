@@ -98,7 +98,7 @@ class TrainConfig:
     dtype: str = _f(
         "auto",
         "model dtype; auto = bfloat16 on CUDA, float32 on CPU",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=("auto", "float32", "bfloat16", "float16", "float64"),
     )
     attn_implementation: str = _f(
         "auto", "auto = flash_attention_2 when flash-attn is installed (CUDA), else sdpa"
@@ -131,6 +131,18 @@ class TrainConfig:
     ema_every: int | None = _f(None, "EMA update every n optimizer steps (default 10)")
     loss_impl: str = _f(
         "auto", "unisd_loss implementation", choices=("auto", "torch", "triton", "reference")
+    )
+    loss_path: str = _f(
+        "linear",
+        "linear: the loss from lm_head inputs and head weights (unisd_linear_loss, no logits "
+        "in the step); logits: heads applied, then unisd_loss",
+        choices=("linear", "logits"),
+    )
+    parallel: str = _f(
+        "auto",
+        "none, ddp (DistributedDataParallel) or fsdp (FSDP2) under torchrun; auto = ddp when "
+        "WORLD_SIZE > 1",
+        choices=("auto", "none", "ddp", "fsdp"),
     )
     sample_temperature: float = _f(0.7, "sampling temperature of the student's completions")
     # optimisation

@@ -1,9 +1,11 @@
 """unisd-train: on-policy self-distillation (UniSD and its baselines) of a causal LM.
 
-One optimizer step: for each micro-batch, sample a completion y per prompt from the student,
-score [teacher prompt, y], the K views and the negative without gradient, forward the
-student on [prompt, y], and backpropagate ``unisd_loss`` over y's positions divided by the
-accumulation steps; then clip, AdamW, cosine schedule, and the EMA teacher update.
+One optimizer step (:mod:`.step`): sample a completion y per prompt from the student for
+every micro-batch, then for each score [teacher prompt, y], the K views and the negative
+without gradient, forward the student on [prompt, y], and backpropagate its share of the
+step's loss over y's positions (exact across micro-batches and ranks); then clip, AdamW,
+cosine schedule, and the EMA teacher update. Under torchrun the student is wrapped by DDP or
+sharded by FSDP2 (:mod:`.distributed`).
 
 ``run(cfg)`` is the programmatic entry (it returns a summary dict): it locks the output
 folder, checks the environment, data and resumed checkpoint before building anything, runs
@@ -21,7 +23,6 @@ import logging
 import math
 import os
 import random
-import resource
 import shutil
 import time
 import warnings
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import unisd_loss
+from . import dcp
+from . import distributed as distributed_
 from .checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -47,9 +49,10 @@ from .models.tiny import build_tiny_model, build_tokenizer
 from .preflight import preflight
 from .prompts import PromptEncoder
 from .resume import check_compatible, check_state_file, continue_schedule, read_config, read_state
-from .rollout import generate, generation_config, right_pad
+from .rollout import generation_config
+from .step import StepMemory, StepSetup, accumulate
 from .tasks import Task, builtin_task, load_task, prepare_task
-from .teachers import EMATeacher, Scorer, completion_forward
+from .teachers import EMATeacher, Runner, Scorer
 
 log = logging.getLogger("unisd_fast.train")
 
@@ -190,8 +193,12 @@ class Schedule:
     def __init__(self, num_items: int, cfg: TrainConfig):
         self.n, self.cfg, self._perms = num_items, cfg, {}
 
-    def positions(self, step: int, micro: int) -> list[int]:
-        start = (step * self.cfg.grad_accum + micro) * self.cfg.batch_size
+    def positions(self, step: int, micro: int, rank: int = 0, world: int = 1) -> list[int]:
+        """Rank ``rank``'s slice of micro-batch ``micro`` of global step ``step``: the global
+        batch (batch_size x grad_accum x world) is consecutive in the stream, and its
+        micro-batches are laid out micro-major, so one rank with grad_accum W*n sees the same
+        micro-batches as W ranks with grad_accum n."""
+        start = ((step * self.cfg.grad_accum + micro) * world + rank) * self.cfg.batch_size
         return list(range(start, start + self.cfg.batch_size))
 
     def index(self, position: int) -> int:
@@ -209,10 +216,10 @@ class Schedule:
         return [p + (p >= own) for p in picks]
 
 
-def total_steps(cfg: TrainConfig, num_items: int) -> int:
+def total_steps(cfg: TrainConfig, num_items: int, world: int = 1) -> int:
     if cfg.max_steps:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * num_items / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * num_items / (cfg.batch_size * cfg.grad_accum * world)))
 
 
 def cosine_with_warmup(total: int, warmup_ratio: float):
@@ -241,81 +248,19 @@ def view_prompts(ctx: Context, task: Task, items: list[Item], schedule: Schedule
     return [per_item[b][v] for v in range(k) for b in range(len(positions))]
 
 
-def distill_micro(ctx, task, schedule, all_items, positions, teacher: Scorer, loss_cfg) -> dict:
-    cfg = ctx.cfg
-    items = [all_items[schedule.index(p)] for p in positions]
-    with Scorer(ctx.student).active() as model:
-        y, mask = generate(model, [it.student for it in items], ctx.sampling, ctx.device)
-    labels = torch.where(mask, y, torch.full_like(y, loss_cfg.ignore_index))
-    views = negative = teacher_hidden = None
-    with teacher.active() as model:
-        t_logits, t_hidden = completion_forward(
-            model, [it.teacher for it in items], y, mask, ctx.pad_id
-        )
-        if loss_cfg.needs_hidden:
-            teacher_hidden = t_hidden
-        if loss_cfg.needs_views:
-            rows = view_prompts(ctx, task, all_items, schedule, positions)
-            v_logits, _ = completion_forward(model, rows, y, mask, ctx.pad_id)
-            views = v_logits.view(cfg.num_views, len(items), *v_logits.shape[1:])
-        if loss_cfg.needs_negative:
-            negative, _ = completion_forward(
-                model, [it.negative for it in items], y, mask, ctx.pad_id
-            )
-    s_logits, s_hidden = completion_forward(
-        ctx.student, [it.student for it in items], y, mask, ctx.pad_id
-    )
-    out = unisd_loss(
-        s_logits,
-        t_logits,
-        labels,
-        view_logits=views,
-        negative_logits=negative,
-        student_hidden=s_hidden if loss_cfg.needs_hidden else None,
-        teacher_hidden=teacher_hidden,
-        config=loss_cfg,
-        impl=cfg.loss_impl,
-    )
-    (out.loss / cfg.grad_accum).backward()
-    m = mask.float()
-    return {
-        "loss": out.loss.item(),
-        "kd": out.kd.item(),
-        "contrastive": out.contrastive.item(),
-        "feature": out.feature.item(),
-        "mean_weight": ((out.token_weight * m).sum() / m.sum().clamp(min=1)).item(),
-        "clipped_frac": ((out.clipped.float() * m).sum() / m.sum().clamp(min=1)).item(),
-        "tokens": int(m.sum().item()),
-    }
-
-
-def sft_micro(ctx, items) -> dict:
-    gold, mask = right_pad([it.gold for it in items], ctx.pad_id, ctx.device)
-    logits, _ = completion_forward(
-        ctx.student, [it.student for it in items], gold, mask, ctx.pad_id
-    )
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), gold, reduction="none")
-    m = mask.float()
-    loss = ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    (loss / ctx.cfg.grad_accum).backward()
-    return {"loss": loss.item(), "tokens": int(m.sum().item())}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Metrics:
     """metrics.jsonl: one JSON object per training step and per evaluation."""
 
-    def __init__(self, path: Path, records: list[dict]):
+    def __init__(self, path: Path | None, records: list[dict]):
+        """``path`` None: keep the records without writing (ranks other than 0)."""
         self.path, self.records = path, records
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        if path is not None:
+            path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -368,18 +313,29 @@ def append_summary(output_dir, record: dict) -> None:
         f.write(json.dumps({"kind": "summary", **record}) + "\n")
 
 
-def run(cfg: TrainConfig, task: Task | None = None) -> dict:
+def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
     """Train as ``cfg`` says and return a summary: ``output_dir``, ``step``, ``train`` (the
     last step's metrics), ``first_eval`` and ``eval`` (first and last evaluation records),
     ``checkpoint`` (last checkpoint folder), ``wall_time_s`` (training), ``prepare_s`` (the
     task's preparation) and ``total_wall_time_s``; the same goes to metrics.jsonl as a
     ``summary`` record. ``task`` replaces the one ``cfg.data`` names (:mod:`.tasks`).
+    ``sampler`` ``(positions, items) -> completions`` (token lists) replaces sampling from the
+    student (fixed completions). Under torchrun the process group is joined first
+    (:mod:`.distributed`); rank 0 prepares the task before the other ranks.
 
     Before any model is built: the output folder is locked against other runs and cleared of
     an interrupted run's temporary folders, and the environment, the data and the resumed
     checkpoint are checked (:mod:`.preflight`, :mod:`.resume`)."""
     cfg.validate()
     started = time.perf_counter()
+    par = distributed_.setup(cfg.parallel, resolve_device(cfg))
+    try:
+        return _checked_run(cfg, task, sampler, started, par)
+    finally:
+        distributed_.teardown(par)
+
+
+def _checked_run(cfg, task, sampler, started, par) -> dict:
     with output_dir_lock(cfg.output_dir), cpu_threads(cfg):
         resume_from, _ = check_output_dir(cfg)
         saved = None
@@ -387,12 +343,18 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
             saved = read_config(resume_from)
             check_state_file(resume_from)
         task = preflight(cfg, task)
-        cfg = prepare_task(cfg)
+        if par.is_main:
+            cfg = prepare_task(cfg)
+        distributed_.barrier(par)
+        if not par.is_main:
+            cfg = prepare_task(cfg)
         if saved is not None:
             check_compatible(saved, cfg, resume_from)
         prepare_s = time.perf_counter() - started
-        summary = train(cfg, task)
+        summary = train(cfg, task, sampler, par)
         summary.update(prepare_s=prepare_s, total_wall_time_s=time.perf_counter() - started)
+        if not par.is_main:
+            return summary
         append_summary(
             cfg.output_dir,
             {
@@ -406,21 +368,31 @@ def run(cfg: TrainConfig, task: Task | None = None) -> dict:
     return summary
 
 
-def train(cfg: TrainConfig, task: Task | None = None) -> dict:
-    """The training itself (see :func:`run`, which checks and prepares first)."""
+def train(cfg: TrainConfig, task: Task | None = None, sampler=None, par=None) -> dict:
+    """The training itself (see :func:`run`, which checks and prepares first); ``par``: this
+    process's place under torchrun (default: a single process)."""
     cfg.validate()
+    if par is None:
+        par = distributed_.setup(cfg.parallel, resolve_device(cfg))
+        try:
+            return train(cfg, task, sampler, par)
+        finally:
+            distributed_.teardown(par)
     started = time.perf_counter()
+    device = distributed_.local_device(resolve_device(cfg), par)
+    main = par.is_main
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_from, stale = check_output_dir(cfg)
-    for path in stale:
-        shutil.rmtree(path)
-    log.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=2))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+    distributed_.barrier(par)
+    if main:
+        for path in stale:
+            shutil.rmtree(path)
+        log.info("resolved config:\n%s", json.dumps(cfg.to_dict(), indent=2))
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg)
     tokenizer, model = load_model(cfg, device)
     lora = cfg.lora_r > 0
     sft = cfg.method == "sft"
@@ -429,25 +401,36 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
     task = task if task is not None else load_task(cfg.data, cfg.eval_data, cfg.eval_size, cfg.seed)
 
     frozen_copy = None if lora else copy.deepcopy(model).requires_grad_(False)
-    ema = None
-    if ema_settings is not None:
-        ema = EMATeacher(copy.deepcopy(model), *ema_settings)
+    teacher_copy = copy.deepcopy(model) if ema_settings is not None else None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if lora:
             model.enable_input_require_grads()
     student = add_lora(model, cfg) if lora else model
     student.train()
-    base = Scorer(student, disable_adapter=True) if lora else Scorer(frozen_copy)
-    teacher = Scorer(ema.model) if ema is not None else base
-
     eos_ids = eos_ids_of(tokenizer, student)
+    runner = distributed_.wrap(Runner(student), par, device, trainable=True)
+    own = distributed_.unwrap(runner)
+    ema = None
+    if teacher_copy is not None:
+        ema = EMATeacher(distributed_.wrap(Runner(teacher_copy), par, device, False), *ema_settings)
+    if frozen_copy is not None:
+        frozen_copy = distributed_.wrap(Runner(frozen_copy), par, device, trainable=False)
+    for r in (own, frozen_copy, ema.model if ema is not None else None):
+        if r is not None:
+            r.sync_generation = par.mode == "fsdp" and par.world_size > 1
+    base = Scorer(own, disable_adapter=True) if lora else Scorer(frozen_copy)
+    teacher = Scorer(ema.model) if ema is not None else base
+    if par.rank:
+        random.seed(cfg.seed + par.rank)
+        torch.manual_seed(cfg.seed + par.rank)
+
     encode = PromptEncoder(tokenizer, cfg.chat_template)
     task = limit_eval_prompts(task, encode, cfg.max_prompt_tokens, cfg.eval_teacher)
     pad_id = tokenizer.pad_token_id
     ctx = Context(
         cfg,
-        student,
+        own,
         tokenizer,
         encode,
         device,
@@ -459,9 +442,18 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
     contrastive = loss_cfg is not None and loss_cfg.needs_negative
     items = prepare_items(task, encode, cfg, eos_ids[0], contrastive)
     schedule = Schedule(len(items), cfg)
-    steps = total_steps(cfg, len(items))
+    steps = total_steps(cfg, len(items), par.world_size)
+    setup = StepSetup(
+        runner,
+        teacher,
+        loss_cfg,
+        par,
+        cfg.loss_path,
+        sampler,
+        views=lambda positions: view_prompts(ctx, task, items, schedule, positions),
+    )
 
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = [p for p in runner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(steps, cfg.warmup_ratio)
@@ -469,17 +461,27 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
 
     step, records, checkpoint = 0, [], None
     if resume_from is not None:
-        state = read_state(resume_from)
-        load_trainable_state(student, state["student"], lora)
-        optimizer.load_state_dict(state["optimizer"])
+        if par.mode == "fsdp":
+            state = dcp.load(resume_from, runner, optimizer, ema, par)
+            if ema is not None:
+                ema.num_updates = state["ema_updates"]
+        else:
+            state = read_state(resume_from)
+            load_trainable_state(student, state["student"], lora)
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
         scheduler.load_state_dict(state["scheduler"])
         continue_schedule(scheduler)
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        if state.get("world_size", 1) != par.world_size:
+            raise ValueError(
+                f"resume: {resume_from} was written by {state.get('world_size', 1)} processes; "
+                f"resume it with as many (this run has {par.world_size})"
+            )
         step, records, checkpoint = state["step"], state["records"], resume_from
-        set_rng_state(state["rng"])
+        set_rng_state(state.get("rng_ranks", [state["rng"]])[par.rank])
         log.info("resumed from %s at step %d", resume_from, step)
-    metrics = Metrics(out / "metrics.jsonl", list(records))
+    metrics = Metrics(out / "metrics.jsonl" if main else None, list(records))
     guard = StepGuard(cfg.max_bad_steps, records)
 
     def do_eval():
@@ -489,46 +491,67 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
             **evaluate(ctx, task, teacher if cfg.eval_teacher else None, base),
         }
         metrics.write(record)
-        log.info(
-            "eval step %d: %s", step, {k: round(v, 4) for k, v in record.items() if k != "kind"}
-        )
+        if main:
+            log.info(
+                "eval step %d: %s", step, {k: round(v, 4) for k, v in record.items() if k != "kind"}
+            )
 
     def do_save():
-        check_finite(trainable_state(student, lora), f"the student at step {step}")
+        local = distributed_.local_tensor
+        student_state = trainable_state(student, lora)
+        check_finite({k: local(v) for k, v in student_state.items()}, f"the student at step {step}")
         if ema is not None:
-            check_finite(ema.model.state_dict(), f"the EMA teacher at step {step}")
-        state = {
+            teacher_state = ema.state_dict()["model"]
+            check_finite(
+                {k: local(v) for k, v in teacher_state.items()}, f"the EMA teacher at step {step}"
+            )
+        rngs = distributed_.gather_objects(rng_state(), par)
+        meta = {
             "step": step,
-            "student": trainable_state(student, lora),
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+            "world_size": par.world_size,
             "records": metrics.records,
         }
-        return save_checkpoint(out, step, state, cfg.to_dict(), cfg.keep_checkpoints)
+        if par.mode == "fsdp":
+            meta["ema_updates"] = ema.num_updates if ema is not None else 0
+            return dcp.save(
+                out, step, runner, optimizer, ema, meta, cfg.to_dict(), cfg.keep_checkpoints, par
+            )
+        final = None
+        if main:
+            meta.update(
+                student=trainable_state(student, lora),
+                optimizer=optimizer.state_dict(),
+                ema=ema.state_dict() if ema is not None else None,
+            )
+            final = save_checkpoint(out, step, meta, cfg.to_dict(), cfg.keep_checkpoints)
+        distributed_.barrier(par)
+        return distributed_.broadcast_object(final, par)
 
     if step == 0 and cfg.eval_at_start:
         do_eval()
     bar = tqdm(
-        total=steps, initial=step, disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True
+        total=steps,
+        initial=step,
+        disable=not (cfg.progress and main),
+        desc=cfg.method,
+        dynamic_ncols=True,
     )
+    memory = StepMemory(device)
     while step < steps:
         t0 = time.perf_counter()
+        memory.start()
         optimizer.zero_grad(set_to_none=True)
-        micro_stats = []
+        micro_batches = []
         for micro in range(cfg.grad_accum):
-            positions = schedule.positions(step, micro)
-            if sft:
-                batch = [items[schedule.index(p)] for p in positions]
-                micro_stats.append(sft_micro(ctx, batch))
-            else:
-                micro_stats.append(
-                    distill_micro(ctx, task, schedule, items, positions, teacher, loss_cfg)
-                )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            positions = schedule.positions(step, micro, par.rank, par.world_size)
+            micro_batches.append((positions, [items[schedule.index(p)] for p in positions]))
+        record = {"kind": "train", "step": step + 1, **accumulate(ctx, setup, micro_batches)}
+        grad_norm = distributed_.clip_grad_norm(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        nonfinite = guard.check([s["loss"] for s in micro_stats], grad_norm.item())
+        nonfinite = guard.check([record["loss"]], grad_norm)
         if nonfinite == "none":
             optimizer.step()
             scheduler.step()
@@ -540,19 +563,15 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
         step += 1
         ema_updated = False
         if ema is not None and nonfinite == "none":
-            ema_updated = ema.maybe_update(student, step)
+            ema_updated = ema.maybe_update(own, step)
         elapsed = time.perf_counter() - t0
-        tokens = sum(s.pop("tokens") for s in micro_stats)
-        record = {"kind": "train", "step": step}
-        for key in micro_stats[0]:
-            record[key] = sum(s[key] for s in micro_stats) / len(micro_stats)
+        tokens = record["tokens"]
         record.update(
             lr=lr,
-            grad_norm=grad_norm.item(),
-            tokens=tokens,
+            grad_norm=grad_norm,
             tokens_per_s=tokens / elapsed,
             step_time_s=elapsed,
-            peak_mem_mb=peak_memory_mb(device),
+            peak_mem_mb=distributed_.all_reduce_max(memory.peak_mb(), par, device),
             ema_updated=ema_updated,
             skipped=nonfinite != "none",
             nonfinite=nonfinite,
@@ -568,8 +587,11 @@ def train(cfg: TrainConfig, task: Task | None = None) -> dict:
             checkpoint = do_save()
     bar.close()
     if cfg.save_final_model:
-        student.save_pretrained(out / "final_model")
-        tokenizer.save_pretrained(out / "final_model")
+        state = distributed_.model_state(runner, par, trainable_only=False)
+        if main:
+            student.save_pretrained(out / "final_model", state_dict=state)
+            tokenizer.save_pretrained(out / "final_model")
+        distributed_.barrier(par)
     evals = [r for r in metrics.records if r["kind"] == "eval"]
     trains = [r for r in metrics.records if r["kind"] == "train"]
     return {

@@ -1,22 +1,53 @@
-"""Teachers: the EMA teacher (LoRA-aware), frozen scorers, and completion scoring.
+"""Teachers: the EMA teacher (LoRA-aware, sharded or not), frozen scorers, completion scoring.
 
-``completion_forward`` runs a causal LM on rows ``[prompt_i, y]`` whose prompts are
+``completion_hidden`` runs a causal LM's decoder on rows ``[prompt_i, y]`` whose prompts are
 left-padded to a common length, so every row's completion occupies the same positions; it
-returns only the completion positions (logits at t predict ``y_t``) and their last hidden
-states (the lm_head input), never the logits of the prompt.
+returns the last hidden states (the lm_head input) of the completion positions only (the
+state at t predicts ``y_t``). The training step never forms logits from them on its default
+path: it hands them with the head weights to the fused-linear loss. ``Runner`` is the root
+module every use of a model goes through, so DistributedDataParallel and FSDP2 see it
+(docs/trainer.md, "Scale-out").
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .distributed import full_tensor, local_tensor
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers CausalLM inside a peft wrapper (LoRA layers stay in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Runner(nn.Module):
+    """Root module around a causal LM (or its peft wrapper): ``runner(fn, *args)`` is
+    ``fn(model, *args)`` run inside this module's forward, where DDP prepares its gradient
+    reduction and FSDP2 gathers the root's parameters (embeddings, final norm, lm_head).
+    ``sync_generation`` (set under FSDP with several ranks) makes every rank run the same
+    number of decoding steps, as the sharded layers need all ranks in each forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.sync_generation = False
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+    def generate(self, **kwargs):
+        if self.sync_generation:
+            kwargs["synced_gpus"] = True
+        return self(_generate, **kwargs)
+
+
+def _generate(model, **kwargs):
+    return model.generate(**kwargs)
 
 
 def pack_rows(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Tensor, pad_id: int):
@@ -41,21 +72,57 @@ def pack_rows(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Te
     return ids, attn, positions, width
 
 
-def completion_forward(model, prompts, completion, mask, pad_id: int):
-    """Logits (R, T, V) and last hidden states (R, T, H) of the completion positions."""
-    ids, attn, positions, width = pack_rows(prompts, completion, mask, pad_id)
+@dataclass
+class Head:
+    """A causal LM's output head: ``z = f(h W^T + b)``, f the optional scale, then the
+    optional softcap (the order of ``unisd_linear_loss``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    scale: float | None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = nn.functional.linear(hidden, self.weight, self.bias)
+        if self.scale:
+            z = z * self.scale
+        if self.softcap:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+    def detached(self) -> Head:
+        """A copy that owns its weights (for a sharded teacher, whose gathered head is freed
+        after its forward)."""
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return Head(self.weight.detach().clone(), bias, self.softcap, self.scale)
+
+
+def lm_head(model: nn.Module) -> Head:
     lm = _causal_lm(model)
-    body = lm.get_decoder()
+    out = lm.get_output_embeddings()
+    if not isinstance(out, nn.Linear):
+        raise TypeError(f"the output head of {type(lm).__name__} is not an nn.Linear")
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return Head(out.weight, out.bias, cap or None, getattr(lm.config, "logit_scale", None) or None)
+
+
+def completion_hidden(model, prompts, completion, mask, pad_id: int) -> torch.Tensor:
+    """Last hidden states (R, T, H) of the completion positions: the lm_head input."""
+    if isinstance(model, Runner):
+        return model(completion_hidden, prompts, completion, mask, pad_id)
+    ids, attn, positions, width = pack_rows(prompts, completion, mask, pad_id)
+    body = _causal_lm(model).get_decoder()
     hidden = body(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
     hidden = hidden[:, width - 1 : width - 1 + completion.shape[1]]
-    logits = lm.get_output_embeddings()(hidden)
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    scale = getattr(lm.config, "logit_scale", None)
-    if scale:
-        logits = logits * scale
-    return logits, hidden
+    return hidden if torch.is_grad_enabled() else hidden.contiguous()
+
+
+def completion_forward(model, prompts, completion, mask, pad_id: int):
+    """Logits (R, T, V) and last hidden states (R, T, H) of the completion positions."""
+    if isinstance(model, Runner):
+        return model(completion_forward, prompts, completion, mask, pad_id)
+    hidden = completion_hidden(model, prompts, completion, mask, pad_id)
+    return lm_head(model).logits(hidden), hidden
 
 
 class Scorer:
@@ -70,9 +137,8 @@ class Scorer:
     def active(self):
         was_training = self.model.training
         self.model.eval()
-        adapters = (
-            self.model.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
-        )
+        inner = self.model.model if isinstance(self.model, Runner) else self.model
+        adapters = inner.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
         try:
             with torch.no_grad(), adapters:
                 yield self.model
@@ -88,11 +154,22 @@ def _lora_layer_type():
     return LoraLayer
 
 
+def _lora_delta(module, adapter: str) -> torch.Tensor:
+    """This rank's rows of a LoRA layer's ``(alpha / r) B A`` when its weights are FSDP
+    shards (dim 0): B's local rows times the whole of A (r rows, gathered)."""
+    if module.fan_in_fan_out:
+        raise ValueError("sharded LoRA layers with fan_in_fan_out are not supported")
+    a = full_tensor(module.lora_A[adapter].weight)
+    b = local_tensor(module.lora_B[adapter].weight)
+    return module.scaling[adapter] * (b @ a)
+
+
 def iter_effective_weights(student: nn.Module):
     """(name, tensor) for each of the student's weights under the names of the plain model:
     under LoRA, each adapted layer's ``W0 + (alpha / r) B A`` (computed when reached, so only
-    one merged weight exists at a time), else the parameters themselves."""
-    lm = _causal_lm(student)
+    one merged weight exists at a time), else the parameters themselves. Weights sharded by
+    FSDP2 come as this rank's local shard (rows of dim 0)."""
+    lm = _causal_lm(student.model if isinstance(student, Runner) else student)
     lora_type = _lora_layer_type()
     lora_prefixes = []
     for name, module in lm.named_modules():
@@ -102,17 +179,23 @@ def iter_effective_weights(student: nn.Module):
         if lora_type is not None and isinstance(module, lora_type):
             lora_prefixes.append(prefix)
             base = module.get_base_layer()
-            weight = base.weight
+            sharded = hasattr(base.weight, "to_local")
+            weight = local_tensor(base.weight)
             if not module.merged:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
-                        weight = weight + module.get_delta_weight(adapter)
+                        delta = (
+                            _lora_delta(module, adapter)
+                            if sharded
+                            else module.get_delta_weight(adapter)
+                        )
+                        weight = weight + delta
             yield prefix + "weight", weight
             if base.bias is not None:
-                yield prefix + "bias", base.bias
+                yield prefix + "bias", local_tensor(base.bias)
             continue
         for pname, param in module.named_parameters(recurse=False):
-            yield prefix + pname, param
+            yield prefix + pname, local_tensor(param)
 
 
 def effective_weights(student: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,11 +207,13 @@ class EMATeacher:
     steps: ``theta_T <- beta theta_T + (1 - beta) theta_S`` (fused ``_foreach_lerp_`` over
     buckets of about ``bucket_bytes``).
 
-    ``teacher`` must be a plain copy of the student's base model (same parameter names);
-    under LoRA ``theta_S`` is the student's effective weights, so the teacher really moves.
-    With 16-bit teacher weights the average runs on a float32 master copy (``fp32_master``,
-    default: on for 16-bit weights): in bfloat16 an update ``(1 - beta) (theta_S - theta_T)``
-    smaller than the weight's rounding step would be lost and the teacher would stall.
+    ``teacher`` must be a plain copy of the student's base model (same parameter names), or a
+    Runner around one; under LoRA ``theta_S`` is the student's effective weights, so the
+    teacher really moves. Under FSDP2 the teacher is sharded like the student and the
+    average runs shard by shard on each rank's local rows. With 16-bit teacher weights the
+    average runs on a float32 master copy (``fp32_master``, default: on for 16-bit weights):
+    in bfloat16 an update ``(1 - beta) (theta_S - theta_T)`` smaller than the weight's
+    rounding step would be lost and the teacher would stall.
     """
 
     def __init__(
@@ -146,14 +231,28 @@ class EMATeacher:
         self.model = teacher.eval().requires_grad_(False)
         self.beta, self.every, self.bucket_bytes = beta, every, bucket_bytes
         self.num_updates = 0
-        self.params = dict(self.model.named_parameters(remove_duplicate=False))
+        self.canonical = {}
+        first = {}
+        for name, p in self._lm().named_parameters(remove_duplicate=False):
+            self.canonical[name] = first.setdefault(id(p), name)
+        self.names = list(first.values())
         if fp32_master is None:
             fp32_master = any(
-                p.dtype in (torch.float16, torch.bfloat16) for p in self.params.values()
+                p.dtype in (torch.float16, torch.bfloat16) for p in self._lm().parameters()
             )
         self.master = None
         if fp32_master:
-            self.master = {id(p): p.detach().float().clone() for p in self.params.values()}
+            params = self._local_params()
+            self.master = {n: params[n].detach().float().clone() for n in self.names}
+
+    def _lm(self) -> nn.Module:
+        return self.model.model if isinstance(self.model, Runner) else self.model
+
+    def _local_params(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> the parameter (its local shard when sharded), fetched afresh:
+        FSDP2 may re-point a shard's storage after it was first built."""
+        params = dict(self._lm().named_parameters())
+        return {n: local_tensor(params[n]) for n in self.names}
 
     def maybe_update(self, student: nn.Module, step: int) -> bool:
         """Update after optimizer step ``step`` (1-based) when it is a multiple of ``every``."""
@@ -164,21 +263,25 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
+        for module in (self.model, student):
+            if hasattr(module, "reshard"):
+                module.reshard()  # an FSDP2 root keeps its gathered weights after forward
+        params = self._local_params()
         done, bucket, size = set(), [], 0
         for name, weight in iter_effective_weights(student):
-            if name not in self.params:
+            if name not in self.canonical:
                 raise KeyError(f"student weight {name!r} has no counterpart in the EMA teacher")
-            param = self.params[name]
-            if id(param) in done:
+            name = self.canonical[name]
+            if name in done:
                 continue
-            done.add(id(param))
-            bucket.append((param, weight.detach()))
+            done.add(name)
+            bucket.append((name, params[name], weight.detach()))
             size += weight.numel() * weight.element_size()
             if size >= self.bucket_bytes:
                 self._lerp(bucket)
                 bucket, size = [], 0
         self._lerp(bucket)
-        missing = [n for n, p in self.params.items() if id(p) not in done]
+        missing = [n for n in self.names if n not in done]
         if missing:
             raise KeyError(
                 f"EMA teacher parameters {missing[:3]} have no counterpart in the student"
@@ -189,31 +292,23 @@ class EMATeacher:
         if not bucket:
             return
         weight = 1.0 - self.beta
-        params = [p.data for p, _ in bucket]
+        params = [p for _, p, _ in bucket]
         if self.master is None:
-            torch._foreach_lerp_(params, [s.to(p.dtype) for p, s in bucket], weight)
+            torch._foreach_lerp_(params, [s.to(p.dtype) for _, p, s in bucket], weight)
             return
-        master = [self.master[id(p)] for p, _ in bucket]
-        torch._foreach_lerp_(master, [s.float() for _, s in bucket], weight)
+        master = [self.master[n] for n, _, _ in bucket]
+        torch._foreach_lerp_(master, [s.float() for _, _, s in bucket], weight)
         torch._foreach_copy_(params, master)
 
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict(), "num_updates": self.num_updates}
+        state = {"model": self._lm().state_dict(), "num_updates": self.num_updates}
         if self.master is not None:
-            state["master"] = [self.master[id(p)] for p in self._unique()]
+            state["master"] = [self.master[n] for n in self.names]
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self._lm().load_state_dict(state["model"])
         self.num_updates = state["num_updates"]
         if self.master is not None:
-            for p, value in zip(self._unique(), state["master"], strict=True):
-                self.master[id(p)].copy_(value)
-
-    def _unique(self) -> list:
-        seen, unique = set(), []
-        for p in self.params.values():
-            if id(p) not in seen:
-                seen.add(id(p))
-                unique.append(p)
-        return unique
+            for n, value in zip(self.names, state["master"], strict=True):
+                self.master[n].copy_(value)

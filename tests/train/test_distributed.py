@@ -1,0 +1,150 @@
+"""torchrun-style training on CPU with gloo and 2 processes: the same global batch of fixed
+completions gives the loss and updated parameters of 1 process (DDP and FSDP2), and a 2-rank
+run resumed from a checkpoint ends where the uninterrupted one does."""
+
+import json
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from unisd_fast.train import run
+from unisd_fast.train.config import TrainConfig
+
+pytest.importorskip("peft")
+
+COMMON = dict(
+    data="builtin:arithmetic",
+    eval_size=4,
+    eval_batch_size=4,
+    max_new_tokens=4,
+    tiny_hidden_size=32,
+    tiny_layers=2,
+    eval_at_start=False,
+    eval_teacher=False,
+    progress=False,
+    lr=1e-3,
+    lora_dropout=0.0,
+    num_views=2,
+    ema_every=1,
+    max_steps=3,
+    loss_path="logits",
+    dtype="float64",
+)
+CASES = {
+    "ddp-lora": dict(method="unisd_star", parallel="ddp"),
+    "fsdp-full": dict(method="unisd_star", lora_r=0, parallel="fsdp"),
+    "fsdp-lora": dict(method="unisd_star", parallel="fsdp"),
+    "ddp-lora-linear": dict(method="unisd_star", parallel="ddp", loss_path="linear"),
+    "fsdp-full-linear": dict(method="unisd_star", lora_r=0, parallel="fsdp", loss_path="linear"),
+}
+FP64_TOL = dict(rtol=1e-9, atol=1e-12)
+# unisd_linear_loss computes its loss and logit gradients in float32 (docs/api.md)
+LINEAR_TOL = dict(rtol=1e-5, atol=1e-7)
+
+
+def fixed_completions(positions, items):
+    """A completion per stream position, the same whichever rank and micro-batch takes it."""
+    out = []
+    for p in positions:
+        rng = random.Random(p)
+        out.append([rng.randrange(4, 60) for _ in range(rng.randint(2, 6))])
+    return out
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    run(TrainConfig(**cfg), sampler=fixed_completions)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, **cfg) -> None:
+    mp.start_processes(_worker, args=(world, free_port(), cfg), nprocs=world, start_method="spawn")
+
+
+def train_records(path):
+    lines = (json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines())
+    return [r for r in lines if r["kind"] == "train"]
+
+
+def final_weights(path) -> dict:
+    folder = path / "final_model"
+    name = "adapter_model.safetensors" if (folder / "adapter_config.json").is_file() else None
+    return load_file(folder / (name or "model.safetensors"))
+
+
+def assert_same_run(a, b, tol=FP64_TOL):
+    ra, rb = train_records(a), train_records(b)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("loss", "kd", "contrastive", "feature", "mean_weight", "grad_norm", "tokens"):
+            assert y[key] == pytest.approx(x[key], rel=tol["rtol"], abs=tol["atol"]), key
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for name, value in wa.items():
+        torch.testing.assert_close(wb[name], value, **tol, msg=name)
+
+
+IN_CI = ("ddp-lora-linear", "fsdp-full")
+
+
+def cases(names):
+    """CI runs the IN_CI cases (about 1 minute each, wall time, on a busy 2-core machine);
+    the rest are marked slow (about as long each)."""
+    return [pytest.param(n, marks=() if n in IN_CI else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("case", cases(CASES))
+def test_two_ranks_match_one(tmp_path, case):
+    """2 ranks x grad-accum 1 against 1 rank x grad-accum 2: the same micro-batches."""
+    cfg = {**COMMON, **CASES[case], "batch_size": 2}
+    one = tmp_path / "one"
+    one_rank = {**cfg, "parallel": "none", "grad_accum": 2, "output_dir": str(one)}
+    run(TrainConfig(**one_rank), sampler=fixed_completions)
+    two = tmp_path / "two"
+    run_ranks(2, **{**cfg, "grad_accum": 1, "output_dir": str(two)})
+    assert_same_run(one, two, LINEAR_TOL if cfg["loss_path"] == "linear" else FP64_TOL)
+    first = train_records(one)[0]
+    assert first["loss"] > 0 and first["tokens"] > 0
+
+
+@pytest.mark.parametrize("case", cases(["ddp-lora", "fsdp-full"]))
+def test_two_ranks_resume_exactly(tmp_path, case):
+    cfg = {**COMMON, **CASES[case], "batch_size": 2, "max_steps": 4, "save_every": 2}
+    whole = tmp_path / "whole"
+    run_ranks(2, **{**cfg, "output_dir": str(whole), "keep_checkpoints": 3})
+    resumed = tmp_path / "resumed"
+    start = whole / "checkpoint-000002"
+    run_ranks(2, **{**cfg, "output_dir": str(resumed), "resume": str(start)})
+    assert_same_run(whole, resumed)
+    if CASES[case]["parallel"] == "fsdp":
+        assert (start / "shards").is_dir()
+
+
+def test_parallel_mode_from_the_environment(monkeypatch):
+    from unisd_fast.train.distributed import resolve_mode, setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_mode("auto") == "ddp"
+    with pytest.raises(ValueError, match="parallel none under torchrun"):
+        setup("none", torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_mode("auto") == "none" and resolve_mode("fsdp") == "fsdp"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        resolve_mode("zero3")
