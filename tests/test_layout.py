@@ -79,9 +79,10 @@ def test_library_never_imports_the_trainer():
         assert not wrong, f"{name} imports {wrong}"
 
 
-def test_reference_imports_only_the_config():
-    targets = import_graph()["unisd_fast.reference"]
-    assert targets == {"unisd_fast.config"}
+def test_reference_imports_only_the_config_and_the_stable_math():
+    graph = import_graph()
+    assert graph["unisd_fast.reference"] == {"unisd_fast.config", "unisd_fast.stable"}
+    assert not {t for t in graph["unisd_fast.stable"] if t.startswith("unisd_fast")}
 
 
 def test_import_loads_neither_transformers_nor_the_trainer():
