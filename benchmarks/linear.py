@@ -5,9 +5,11 @@ Hidden states and an lm_head in; forward+backward of every provider of
 preset and head (frozen: gradient for the hidden states only; trainable: also the weight).
 Metrics: median time (forward, backward, their sum) and peak memory above the inputs, raw and
 without the gradients every provider must return (d hidden, and d weight when trainable);
-the loss and d hidden of each provider against materialise-eager's. On CPU each provider runs
-in a worker process of its own (``--worker``), memory measured first under a small mmap
-threshold, as in benchmarks/measure.py. Writes results.csv, table.md and machine.md to --out.
+the loss and d hidden of each provider against materialise-eager's. On CPU the memory of each
+provider is measured in a worker process of its own (``--worker``) under a small mmap
+threshold, as in benchmarks/measure.py; the times of one case are taken in one process with
+the providers interleaved repetition by repetition, so that the load of a shared machine
+weighs on all of them alike. Writes results.csv, table.md and machine.md to --out.
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def _one_rep(fn, inputs, memory, clock):
             "grad_bytes": grads, "loss": float(loss.detach())}
 
 
-def run_unit(name, case, opts, phase, grad_dir=None) -> dict:
-    """Memory ("memory") or time and results ("time") of provider ``name`` on ``case``."""
+def memory_unit(name, case, opts) -> dict:
+    """Peak memory above the inputs of provider ``name`` on ``case`` (one repetition after
+    the warm-up ones), and the bytes of the gradients it returned."""
     from .measure import tools_for, trim_heap
 
     device = torch.device(opts["device"])
@@ -103,27 +106,14 @@ def run_unit(name, case, opts, phase, grad_dir=None) -> dict:
         fn = lp.make(name, cfg, opts.get("chunk_bytes"))
         for _ in range(opts["warmup"]):
             _one_rep(fn, inputs, memory, clock)
-        if phase == "memory":
-            for t in lp.grad_leaves(inputs):
-                t.grad = None
-            gc.collect()
-            trim_heap()
-            r = _one_rep(fn, inputs, memory, clock)
-            rec.update(peak=max(r["peak"], 0), grad_bytes=r["grad_bytes"])
-        else:
-            reps = [_one_rep(fn, inputs, memory, clock) for _ in range(max(opts["reps"], 1))]
-            for key in ("fwd_ms", "bwd_ms"):
-                rec[key] = sorted(r[key] for r in reps)[len(reps) // 2]
-            rec["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"]
-                                       for r in reps)[len(reps) // 2]
-            rec["loss"] = reps[-1]["loss"]
-            if grad_dir:
-                torch.save(inputs["student_hidden"].grad.float().cpu(),
-                           os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
+        for t in lp.grad_leaves(inputs):
+            t.grad = None
+        gc.collect()
+        trim_heap()
+        r = _one_rep(fn, inputs, memory, clock)
+        rec.update(peak=max(r["peak"], 0), grad_bytes=r["grad_bytes"])
     except Exception as exc:  # a failing provider must not stop the run
-        oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
-        rec.update(status="oom" if oom else "error",
-                   note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        _failed(rec, exc)
     finally:
         del inputs
         gc.collect()
@@ -132,58 +122,126 @@ def run_unit(name, case, opts, phase, grad_dir=None) -> dict:
     return rec
 
 
+def _failed(rec, exc) -> None:
+    oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+    rec.update(status="oom" if oom else "error",
+               note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+
+
+def time_case(names, case, opts, grad_dir) -> list[dict]:
+    """Times of the providers ``names`` on one set of inputs, interleaved: every repetition
+    runs each provider once in turn (so that a shared machine's load drifts into all of them
+    alike); medians. Saves each provider's d hidden for the error column."""
+    from .measure import tools_for
+
+    device = torch.device(opts["device"])
+    cfg = config_for(case.preset)
+    clock, memory = tools_for(device)
+    inputs = lp.make_inputs(case, device)
+    recs, fns, reps = {}, {}, {}
+    for name in names:
+        recs[name] = {"provider": name, "case": case.to_dict(), "status": "ok", "note": ""}
+        why = lp.unavailable(name, cfg)
+        if why:
+            recs[name].update(status="skipped", note=why)
+            continue
+        try:
+            fns[name] = lp.make(name, cfg, opts.get("chunk_bytes"))
+            for _ in range(opts["warmup"]):
+                _one_rep(fns[name], inputs, memory, clock)
+            reps[name] = []
+        except Exception as exc:  # noqa: BLE001 - reported in the record
+            _failed(recs[name], exc)
+            fns.pop(name, None)
+    for _ in range(max(opts["reps"], 1)):
+        for name in list(fns):
+            try:
+                reps[name].append(_one_rep(fns[name], inputs, memory, clock))
+            except Exception as exc:  # noqa: BLE001 - reported in the record
+                _failed(recs[name], exc)
+                del fns[name]
+                continue
+            if grad_dir:
+                torch.save(inputs["student_hidden"].grad.float().cpu(),
+                           os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
+    for name in fns:
+        rs = reps[name]
+        for key in ("fwd_ms", "bwd_ms"):
+            recs[name][key] = sorted(r[key] for r in rs)[len(rs) // 2]
+        recs[name]["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in rs)[len(rs) // 2]
+        recs[name]["loss"] = rs[-1]["loss"]
+    del inputs
+    gc.collect()
+    return [recs[n] for n in names]
+
+
 def worker(job_path: str) -> None:
-    """One provider on every case: memory first (64 KiB mmap threshold since the process
-    start), then times (glibc's usual threshold)."""
+    """A memory job (one provider, every case; 64 KiB mmap threshold since the process
+    start, as in benchmarks/measure.py) or a time job (one case, every provider)."""
     from .measure import GLIBC_MMAP, SMALL_MMAP, pin_malloc
 
-    pin_malloc(SMALL_MMAP)
     with open(job_path) as f:
         job = json.load(f)
+    pin_malloc(SMALL_MMAP if job["kind"] == "memory" else GLIBC_MMAP)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     cases = [lp.LinearCase(**c) for c in job["cases"]]
-    mems = [run_unit(job["provider"], c, job, "memory") for c in cases]
-    pin_malloc(GLIBC_MMAP)
-    for case, mem in zip(cases, mems, strict=True):
-        rec = mem if mem["status"] != "ok" else {
-            **run_unit(job["provider"], case, job, "time", job["grad_dir"]),
-            "peak": mem["peak"], "grad_bytes": mem["grad_bytes"]}
+    if job["kind"] == "memory":
+        recs = [memory_unit(job["providers"][0], c, job) for c in cases]
+    else:
+        recs = time_case(job["providers"], cases[0], job, job["grad_dir"])
+    for rec in recs:
         print(PREFIX + json.dumps(rec), flush=True)
 
 
-def _run_all(opts, cases, providers, grad_dir) -> list[dict]:
-    job = {"device": opts.device, "warmup": opts.warmup, "reps": opts.reps,
-           "chunk_bytes": opts.chunk_bytes, "threads": opts.threads,
-           "cases": [c.to_dict() for c in cases], "grad_dir": grad_dir}
-    records = []
-    for name in providers:
-        print(f"{name} ...", flush=True)
-        if opts.device == "cuda" or opts.in_process:
-            from .measure import GLIBC_MMAP, pin_malloc
+def _subprocess(job: dict, expected: list[dict]) -> list[dict]:
+    """Run one worker job; records for what it did not report say why."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.linear", "--worker", f.name],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    os.unlink(f.name)
+    got = [json.loads(line[len(PREFIX):]) for line in proc.stdout.splitlines()
+           if line.startswith(PREFIX)]
+    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    return got + [{**e, "status": "error", "note": f"worker exit {proc.returncode}: {tail}"}
+                  for e in expected[len(got):]]
 
-            pin_malloc(GLIBC_MMAP)
-            for case in cases:
-                mem = run_unit(name, case, job, "memory")
-                rec = mem if mem["status"] != "ok" else {
-                    **run_unit(name, case, job, "time", grad_dir), "peak": mem["peak"],
-                    "grad_bytes": mem["grad_bytes"]}
-                records.append(rec)
-            continue
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({**job, "provider": name}, f)
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.linear", "--worker", f.name],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
-        os.unlink(f.name)
-        got = [json.loads(line[len(PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(PREFIX)]
-        if proc.returncode != 0 and len(got) < len(cases):
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
-            got += [{"provider": name, "case": c.to_dict(), "status": "error",
-                     "note": f"worker exit {proc.returncode}: {tail}"}
-                    for c in cases[len(got):]]
-        records.extend(got)
+
+def _run_all(opts, cases, providers, grad_dir) -> list[dict]:
+    """Memory: one process per provider (CPU). Time: one process per case, providers
+    interleaved. On CUDA (or --in-process) all in this process."""
+    job = {"device": opts.device, "warmup": opts.warmup, "reps": opts.reps,
+           "chunk_bytes": opts.chunk_bytes, "threads": opts.threads, "grad_dir": grad_dir}
+    isolated = opts.device == "cpu" and not opts.in_process
+    memory = {}
+    for name in providers:
+        print(f"memory: {name}", flush=True)
+        if isolated:
+            expected = [{"provider": name, "case": c.to_dict()} for c in cases]
+            recs = _subprocess({**job, "kind": "memory", "providers": [name],
+                                "cases": [c.to_dict() for c in cases]}, expected)
+        else:
+            recs = [memory_unit(name, c, job) for c in cases]
+        for r in recs:
+            memory[(r["provider"], r["case"]["preset"], r["case"]["head"])] = r
+    records = []
+    for case in cases:
+        print(f"time: {case.label}", flush=True)
+        if isolated:
+            expected = [{"provider": n, "case": case.to_dict()} for n in providers]
+            recs = _subprocess({**job, "kind": "time", "providers": providers,
+                                "cases": [case.to_dict()]}, expected)
+        else:
+            recs = time_case(providers, case, job, grad_dir)
+        for r in recs:
+            mem = memory[(r["provider"], case.preset, case.head)]
+            if mem["status"] != "ok":
+                r = mem
+            elif r["status"] == "ok":
+                r.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
+            records.append(r)
     return records
 
 
