@@ -116,7 +116,6 @@ def memory_unit(name, case, opts) -> dict:
         _failed(rec, exc)
     finally:
         del inputs
-        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec
@@ -170,8 +169,6 @@ def time_case(names, case, opts, grad_dir) -> list[dict]:
             recs[name][key] = sorted(r[key] for r in rs)[len(rs) // 2]
         recs[name]["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in rs)[len(rs) // 2]
         recs[name]["loss"] = rs[-1]["loss"]
-    del inputs
-    gc.collect()
     return [recs[n] for n in names]
 
 
@@ -209,23 +206,21 @@ def _subprocess(job: dict, expected: list[dict]) -> list[dict]:
                   for e in expected[len(got):]]
 
 
-def _run_all(opts, cases, providers, grad_dir) -> list[dict]:
-    """Memory: one process per provider (CPU). Time: one process per case, providers
-    interleaved. On CUDA (or --in-process) all in this process."""
+def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
+    """CPU: memory in one process per provider, then the times in one process per case
+    (providers interleaved). CUDA (or --in-process): case by case in this process.
+    ``flush(records)`` is called after every case."""
     job = {"device": opts.device, "warmup": opts.warmup, "reps": opts.reps,
            "chunk_bytes": opts.chunk_bytes, "threads": opts.threads, "grad_dir": grad_dir}
     isolated = opts.device == "cpu" and not opts.in_process
     memory = {}
-    for name in providers:
-        print(f"memory: {name}", flush=True)
-        if isolated:
+    if isolated:
+        for name in providers:
+            print(f"memory: {name}", flush=True)
             expected = [{"provider": name, "case": c.to_dict()} for c in cases]
-            recs = _subprocess({**job, "kind": "memory", "providers": [name],
-                                "cases": [c.to_dict() for c in cases]}, expected)
-        else:
-            recs = [memory_unit(name, c, job) for c in cases]
-        for r in recs:
-            memory[(r["provider"], r["case"]["preset"], r["case"]["head"])] = r
+            for r in _subprocess({**job, "kind": "memory", "providers": [name],
+                                  "cases": [c.to_dict() for c in cases]}, expected):
+                memory[(r["provider"], r["case"]["preset"], r["case"]["head"])] = r
     records = []
     for case in cases:
         print(f"time: {case.label}", flush=True)
@@ -234,6 +229,8 @@ def _run_all(opts, cases, providers, grad_dir) -> list[dict]:
             recs = _subprocess({**job, "kind": "time", "providers": providers,
                                 "cases": [case.to_dict()]}, expected)
         else:
+            for name in providers:
+                memory[(name, case.preset, case.head)] = memory_unit(name, case, job)
             recs = time_case(providers, case, job, grad_dir)
         for r in recs:
             mem = memory[(r["provider"], case.preset, case.head)]
@@ -242,6 +239,7 @@ def _run_all(opts, cases, providers, grad_dir) -> list[dict]:
             elif r["status"] == "ok":
                 r.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
             records.append(r)
+        flush(records)
     return records
 
 
@@ -263,6 +261,9 @@ def _errors(records, grad_dir) -> None:
 def table(records) -> str:
     """Markdown: one row per case and provider, ratios to the baselines of the same case."""
     by = {(r["case"]["preset"], r["case"]["head"], r["provider"]): r for r in records}
+    for r in records:
+        if r["status"] == "ok":
+            r["mem"] = max(r["peak"] - r["grad_bytes"], 0)
 
     def ratio(r, base, key):
         b = by.get((r["case"]["preset"], r["case"]["head"], base))
@@ -282,7 +283,6 @@ def table(records) -> str:
             lines.append(f"| {c['preset']} | {c['head']} | {r['provider']} | "
                          f"{r['status']}: {r['note']} |" + " |" * 10)
             continue
-        r["mem"] = max(r["peak"] - r["grad_bytes"], 0)
         lines.append(
             f"| {c['preset']} | {c['head']} | {r['provider']} | {r['fwd_bwd_ms'] / 1e3:.2f} | "
             f"{r['fwd_ms'] / 1e3:.2f} | {r['bwd_ms'] / 1e3:.2f} | {r['mem'] / MB:.0f} | "
@@ -328,19 +328,23 @@ def main(argv=None) -> None:
     print(f"{len(cases)} cases x {len(providers)} providers on {env['machine']}, load "
           f"average {env['load_average']}", flush=True)
     start = time.time()
+
+    def flush(records):
+        _write_csv(records, os.path.join(opts.out, "results.csv"), env)
+        with open(os.path.join(opts.out, "table.md"), "w") as f:
+            f.write(table(records))
+
+    with open(os.path.join(opts.out, "machine.md"), "w") as f:
+        f.write(machine_markdown(env, command))
     with tempfile.TemporaryDirectory() as grad_dir:
-        records = _run_all(opts, cases, providers, grad_dir)
+        records = _run_all(opts, cases, providers, grad_dir, flush)
         _errors(records, grad_dir)
-    text = table(records)
-    env_end = environment(torch.device(opts.device))
-    env["load_average_end"] = env_end["load_average"]
+    flush(records)
+    env["load_average_end"] = environment(torch.device(opts.device))["load_average"]
     env["wall_s"] = f"{time.time() - start:.0f}"
     with open(os.path.join(opts.out, "machine.md"), "w") as f:
         f.write(machine_markdown(env, command))
-    with open(os.path.join(opts.out, "table.md"), "w") as f:
-        f.write(text)
-    _write_csv(records, os.path.join(opts.out, "results.csv"), env)
-    print(text)
+    print(table(records))
     print(f"load average before {env['load_average']}, after {env['load_average_end']}")
 
 
