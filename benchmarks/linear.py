@@ -5,11 +5,10 @@ Hidden states and an lm_head in; forward+backward of every provider of
 preset and head (frozen: gradient for the hidden states only; trainable: also the weight).
 Metrics: median time (forward, backward, their sum) and peak memory above the inputs, raw and
 without the gradients every provider must return (d hidden, and d weight when trainable);
-the loss and d hidden of each provider against materialise-eager's. On CPU the memory of each
-provider is measured in a worker process of its own (``--worker``) under a small mmap
-threshold, as in benchmarks/measure.py; the times of one case are taken in one process with
-the providers interleaved repetition by repetition, so that the load of a shared machine
-weighs on all of them alike. Writes results.csv, table.md and machine.md to --out.
+the loss and d hidden of each provider against materialise-eager's. On CPU each provider runs
+each case in a worker process of its own (``--worker``): warm-up, the memory repetition under
+a small mmap threshold (as in benchmarks/measure.py), then the timed repetitions. Writes
+results.csv, table.md and machine.md (with the load average before and after) to --out.
 """
 
 from __future__ import annotations
@@ -173,22 +172,25 @@ def time_case(names, case, opts, grad_dir) -> list[dict]:
 
 
 def worker(job_path: str) -> None:
-    """A memory job (one provider, every case; 64 KiB mmap threshold since the process
-    start, as in benchmarks/measure.py) or a time job (one case, every provider)."""
+    """One provider on one case: the warm-up and the memory repetition under a 64 KiB mmap
+    threshold set at the process start (as in benchmarks/measure.py), then the timed
+    repetitions under glibc's usual threshold (already warm: no second warm-up)."""
     from .measure import GLIBC_MMAP, SMALL_MMAP, pin_malloc
 
+    pin_malloc(SMALL_MMAP)
     with open(job_path) as f:
         job = json.load(f)
-    pin_malloc(SMALL_MMAP if job["kind"] == "memory" else GLIBC_MMAP)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    cases = [lp.LinearCase(**c) for c in job["cases"]]
-    if job["kind"] == "memory":
-        recs = [memory_unit(job["providers"][0], c, job) for c in cases]
-    else:
-        recs = time_case(job["providers"], cases[0], job, job["grad_dir"])
-    for rec in recs:
-        print(PREFIX + json.dumps(rec), flush=True)
+    case, name = lp.LinearCase(**job["case"]), job["provider"]
+    mem = memory_unit(name, case, job)
+    if mem["status"] == "ok":
+        pin_malloc(GLIBC_MMAP)
+        rec = time_case([name], case, {**job, "warmup": 0}, job["grad_dir"])[0]
+        if rec["status"] == "ok":
+            rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
+        mem = rec
+    print(PREFIX + json.dumps(mem), flush=True)
 
 
 def _subprocess(job: dict, expected: list[dict]) -> list[dict]:
@@ -207,38 +209,27 @@ def _subprocess(job: dict, expected: list[dict]) -> list[dict]:
 
 
 def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
-    """CPU: memory in one process per provider, then the times in one process per case
-    (providers interleaved). CUDA (or --in-process): case by case in this process.
-    ``flush(records)`` is called after every case."""
+    """Case by case, provider by provider: on CPU a worker process for each (its own peak
+    memory), on CUDA (or --in-process) in this process. ``flush(records)`` after each case."""
     job = {"device": opts.device, "warmup": opts.warmup, "reps": opts.reps,
            "chunk_bytes": opts.chunk_bytes, "threads": opts.threads, "grad_dir": grad_dir}
     isolated = opts.device == "cpu" and not opts.in_process
-    memory = {}
-    if isolated:
-        for name in providers:
-            print(f"memory: {name}", flush=True)
-            expected = [{"provider": name, "case": c.to_dict()} for c in cases]
-            for r in _subprocess({**job, "kind": "memory", "providers": [name],
-                                  "cases": [c.to_dict() for c in cases]}, expected):
-                memory[(r["provider"], r["case"]["preset"], r["case"]["head"])] = r
     records = []
     for case in cases:
-        print(f"time: {case.label}", flush=True)
-        if isolated:
-            expected = [{"provider": n, "case": case.to_dict()} for n in providers]
-            recs = _subprocess({**job, "kind": "time", "providers": providers,
-                                "cases": [case.to_dict()]}, expected)
-        else:
-            for name in providers:
-                memory[(name, case.preset, case.head)] = memory_unit(name, case, job)
-            recs = time_case(providers, case, job, grad_dir)
-        for r in recs:
-            mem = memory[(r["provider"], case.preset, case.head)]
-            if mem["status"] != "ok":
-                r = mem
-            elif r["status"] == "ok":
-                r.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
-            records.append(r)
+        for name in providers:
+            print(f"{case.label}: {name}", flush=True)
+            if isolated:
+                expected = {"provider": name, "case": case.to_dict()}
+                rec = _subprocess({**job, "provider": name, "case": case.to_dict()},
+                                  [expected])[0]
+            else:
+                rec = memory_unit(name, case, job)
+                if rec["status"] == "ok":
+                    mem = rec
+                    rec = time_case([name], case, {**job, "warmup": 0}, grad_dir)[0]
+                    if rec["status"] == "ok":
+                        rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
+            records.append(rec)
         flush(records)
     return records
 
