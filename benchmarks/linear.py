@@ -126,49 +126,36 @@ def _failed(rec, exc) -> None:
                note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
 
 
-def time_case(names, case, opts, grad_dir) -> list[dict]:
-    """Times of the providers ``names`` on one set of inputs, interleaved: every repetition
-    runs each provider once in turn (so that a shared machine's load drifts into all of them
-    alike); medians. Saves each provider's d hidden for the error column."""
+def time_case(name, case, opts, grad_dir) -> dict:
+    """Median times of provider ``name`` on ``case`` over ``opts["reps"]`` repetitions after
+    ``opts["warmup"]`` untimed ones; saves its d hidden for the error column."""
     from .measure import tools_for
 
     device = torch.device(opts["device"])
     cfg = config_for(case.preset)
     clock, memory = tools_for(device)
     inputs = lp.make_inputs(case, device)
-    recs, fns, reps = {}, {}, {}
-    for name in names:
-        recs[name] = {"provider": name, "case": case.to_dict(), "status": "ok", "note": ""}
-        why = lp.unavailable(name, cfg)
-        if why:
-            recs[name].update(status="skipped", note=why)
-            continue
-        try:
-            fns[name] = lp.make(name, cfg, opts.get("chunk_bytes"))
-            for _ in range(opts["warmup"]):
-                _one_rep(fns[name], inputs, memory, clock)
-            reps[name] = []
-        except Exception as exc:  # noqa: BLE001 - reported in the record
-            _failed(recs[name], exc)
-            fns.pop(name, None)
-    for _ in range(max(opts["reps"], 1)):
-        for name in list(fns):
-            try:
-                reps[name].append(_one_rep(fns[name], inputs, memory, clock))
-            except Exception as exc:  # noqa: BLE001 - reported in the record
-                _failed(recs[name], exc)
-                del fns[name]
-                continue
-            if grad_dir:
-                torch.save(inputs["student_hidden"].grad.float().cpu(),
-                           os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
-    for name in fns:
-        rs = reps[name]
-        for key in ("fwd_ms", "bwd_ms"):
-            recs[name][key] = sorted(r[key] for r in rs)[len(rs) // 2]
-        recs[name]["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in rs)[len(rs) // 2]
-        recs[name]["loss"] = rs[-1]["loss"]
-    return [recs[n] for n in names]
+    rec = {"provider": name, "case": case.to_dict(), "status": "ok", "note": ""}
+    why = lp.unavailable(name, cfg)
+    if why:
+        rec.update(status="skipped", note=why)
+        return rec
+    try:
+        fn = lp.make(name, cfg, opts.get("chunk_bytes"))
+        for _ in range(opts["warmup"]):
+            _one_rep(fn, inputs, memory, clock)
+        reps = [_one_rep(fn, inputs, memory, clock) for _ in range(max(opts["reps"], 1))]
+    except Exception as exc:  # noqa: BLE001 - reported in the record
+        _failed(rec, exc)
+        return rec
+    if grad_dir:
+        torch.save(inputs["student_hidden"].grad.float().cpu(),
+                   os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
+    for key in ("fwd_ms", "bwd_ms"):
+        rec[key] = sorted(r[key] for r in reps)[len(reps) // 2]
+    rec["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in reps)[len(reps) // 2]
+    rec["loss"] = reps[-1]["loss"]
+    return rec
 
 
 def worker(job_path: str) -> None:
@@ -186,7 +173,7 @@ def worker(job_path: str) -> None:
     mem = memory_unit(name, case, job)
     if mem["status"] == "ok":
         pin_malloc(GLIBC_MMAP)
-        rec = time_case([name], case, {**job, "warmup": 0}, job["grad_dir"])[0]
+        rec = time_case(name, case, {**job, "warmup": 0}, job["grad_dir"])
         if rec["status"] == "ok":
             rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
         mem = rec
@@ -226,7 +213,7 @@ def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
                 rec = memory_unit(name, case, job)
                 if rec["status"] == "ok":
                     mem = rec
-                    rec = time_case([name], case, {**job, "warmup": 0}, grad_dir)[0]
+                    rec = time_case(name, case, {**job, "warmup": 0}, grad_dir)
                     if rec["status"] == "ok":
                         rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
             records.append(rec)
