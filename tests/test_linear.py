@@ -114,9 +114,10 @@ def test_views_and_negative_as_logprobs():
     check(case, cfg, logit_softcap=4.0, **scored(case, cfg, logit_softcap=4.0))
 
 
-def test_list_of_views():
+def test_list_of_views_and_int32_labels():
     case = make_case(V=V, K=2)
     case["view_hidden"] = list(case["view_hidden"].unbind(0))
+    case["labels"] = case["labels"].int()
     check(case, usd.UniSDConfig.preset("agreement"))
 
 
