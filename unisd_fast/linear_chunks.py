@@ -82,9 +82,10 @@ class LinearResult:
     grad_bias: torch.Tensor | None
 
 
-def chunk_ranges(N: int, rows_per_part: int, V: int, itemsize: int, chunk_bytes: int):
-    """[r0, r1) row ranges whose logits (``rows_per_part`` rows each) fit ``chunk_bytes``."""
-    rows = max(1, chunk_bytes // (rows_per_part * V * itemsize))
+def chunk_ranges(N: int, parts: int, V: int, itemsize: int, chunk_bytes: int):
+    """[r0, r1) ranges of N rows such that ``parts`` logits rows per row fit ``chunk_bytes``
+    (at least one row per chunk)."""
+    rows = max(1, chunk_bytes // (parts * V * itemsize))
     return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
