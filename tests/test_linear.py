@@ -6,7 +6,7 @@ and a chunk budget of a few rows so that every call runs several chunks.
 
 import pytest
 import torch
-from linear_inputs import make_case, run_linear, run_materialised, scored
+from linear_inputs import cast, make_case, run_linear, run_materialised, scored
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import unisd_fast as usd
@@ -157,6 +157,27 @@ def test_bf16_close_to_float64_as_materialised_bf16():
     loss_err = abs(got.loss.item() - ref.loss.item())
     assert loss_err <= 2 * abs(eager.loss.item() - ref.loss.item()) + 1e-3 * ref.loss.item()
     for g, e, r in zip(grads, eager_grads, ref_grads, strict=True):
+        err = (g.double() - r).abs().max().item()
+        assert err <= 2 * (e.double() - r).abs().max().item() + 1e-3 * r.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_cuda_bf16_close_to_float64_as_materialised_bf16(trainable):
+    case = cast(make_case(T=8, V=4099), torch.bfloat16, "cuda")
+    cfg = usd.UniSDConfig.preset("unisd_star")
+    ref, ref_grads = run_materialised(case, cfg, trainable=trainable)
+    eager, eager_grads = run_materialised(case, cfg, impl="auto", upcast=False,
+                                          trainable=trainable)
+    got, grads = run_linear(case, cfg, impl="auto", trainable=trainable, chunk_bytes=CHUNK)
+    loss_err = abs(got.loss.item() - ref.loss.item())
+    assert loss_err <= 2 * abs(eager.loss.item() - ref.loss.item()) + 1e-3 * ref.loss.item()
+    for g, e, r in zip(grads, eager_grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == torch.bfloat16
         err = (g.double() - r).abs().max().item()
         assert err <= 2 * (e.double() - r).abs().max().item() + 1e-3 * r.abs().max().item()
 

@@ -156,6 +156,28 @@ def chunk_grad(call: LinearCall, z, u, y, stats: RowStats, rows: co.RowCoefficie
     return out
 
 
+_MIXED_ADDMM: dict = {}
+
+
+def mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc32, a16, b16, out_dtype=float32, out=acc32)`` (a 16-bit GEMM
+    accumulating into float32, CUDA only) runs and is right here; probed once per device
+    and dtype on a tiny product. Otherwise the chunk is upcast to float32 first."""
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        ok = False
+        if device.type == "cuda":
+            a = torch.arange(6, device=device, dtype=dtype).view(2, 3)
+            acc = torch.ones(2, 2, device=device)
+            try:
+                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+                ok = torch.equal(acc.cpu(), torch.tensor([[6.0, 15.0], [15.0, 51.0]]))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _MIXED_ADDMM[key] = ok
+    return _MIXED_ADDMM[key]
+
+
 class Accumulators:
     """float32 d hidden (of the ``n_rows`` rows scored), d weight (V, H) and d bias (V,), for
     the gradients asked for."""
@@ -180,9 +202,12 @@ class Accumulators:
             else:
                 rows.copy_(torch.mm(grad, w))
         if self.weight is not None:
-            if grad.dtype != torch.float32:
-                grad, h = grad.float(), h.float()
-            self.weight.addmm_(grad.t(), h)
+            if grad.dtype == torch.float32:
+                self.weight.addmm_(grad.t(), h)
+            elif mixed_addmm_works(grad.device, grad.dtype):
+                torch.addmm(self.weight, grad.t(), h, out_dtype=torch.float32, out=self.weight)
+            else:
+                self.weight.addmm_(grad.t().float(), h.float())
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=torch.float32))
 
