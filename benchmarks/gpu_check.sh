@@ -61,7 +61,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   PROVIDERS=eager,unisd,liger
   TESTS=(tests/test_benchmarks_smoke.py -k eager_baseline)
   PYBENCH=(--bench-vocab 256 --bench-tokens 32 --bench-device cpu)
-  LINEAR=(--batch 2 --seq 8 --hidden 32 --vocab 3001 --dtype fp32 --reps 1 --warmup 0)
+  LINEAR=(--batch 2 --seq 8 --hidden 32 --vocab 3001 --dtype fp32 --reps 1 --warmup 0
+          --heads frozen --providers materialise-eager,linear,liger)
 fi
 
 step environment

@@ -197,7 +197,7 @@ def _subprocess(job: dict, expected: list[dict]) -> list[dict]:
 
 def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
     """Case by case, provider by provider: on CPU a worker process for each (its own peak
-    memory), on CUDA (or --in-process) in this process. ``flush(records)`` after each case."""
+    memory), on CUDA (or --in-process) in this process. ``flush(records)`` after each."""
     job = {"device": opts.device, "warmup": opts.warmup, "reps": opts.reps,
            "chunk_bytes": opts.chunk_bytes, "threads": opts.threads, "grad_dir": grad_dir}
     isolated = opts.device == "cpu" and not opts.in_process
@@ -217,7 +217,7 @@ def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
                     if rec["status"] == "ok":
                         rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
             records.append(rec)
-        flush(records)
+            flush(records)
     return records
 
 
