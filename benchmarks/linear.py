@@ -54,6 +54,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunk-bytes", type=int, default=None,
                     help="unisd_linear_loss chunk budget (default: its own)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--interleave", action="store_true",
+                    help="times only: all providers of a case in one process, interleaved "
+                         "repetition by repetition (fair on a machine whose load drifts); "
+                         "no memory figures")
     ap.add_argument("--in-process", action="store_true",
                     help="CPU: no worker processes (memory figures then only approximate)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<device>-linear")
@@ -158,6 +162,42 @@ def time_case(name, case, opts, grad_dir) -> dict:
     return rec
 
 
+def time_interleaved(names, case, opts) -> list[dict]:
+    """Times of the providers ``names`` on one set of inputs: each warmed up, then every
+    repetition runs each provider once in turn, so that a drifting load weighs on all alike;
+    medians."""
+    from .measure import tools_for
+
+    device = torch.device(opts["device"])
+    cfg = config_for(case.preset)
+    clock, memory = tools_for(device)
+    inputs = lp.make_inputs(case, device)
+    recs, fns = {}, {}
+    for name in names:
+        recs[name] = {"provider": name, "case": case.to_dict(), "status": "ok", "note": "",
+                      "reps": []}
+        why = lp.unavailable(name, cfg)
+        if why:
+            recs[name].update(status="skipped", note=why)
+            continue
+        fns[name] = lp.make(name, cfg, opts.get("chunk_bytes"))
+        for _ in range(opts["warmup"]):
+            _one_rep(fns[name], inputs, memory, clock)
+    for _ in range(max(opts["reps"], 1)):
+        for name, fn in fns.items():
+            recs[name]["reps"].append(_one_rep(fn, inputs, memory, clock))
+            if opts.get("grad_dir"):
+                torch.save(inputs["student_hidden"].grad.float().cpu(),
+                           os.path.join(opts["grad_dir"], f"{name}_{case.preset}_{case.head}.pt"))
+    for name in fns:
+        rs = recs[name].pop("reps")
+        for key in ("fwd_ms", "bwd_ms"):
+            recs[name][key] = sorted(r[key] for r in rs)[len(rs) // 2]
+        recs[name]["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in rs)[len(rs) // 2]
+        recs[name]["loss"] = rs[-1]["loss"]
+    return [recs[n] for n in names]
+
+
 def worker(job_path: str) -> None:
     """One provider on one case: the warm-up and the memory repetition under a 64 KiB mmap
     threshold set at the process start (as in benchmarks/measure.py), then the timed
@@ -170,6 +210,11 @@ def worker(job_path: str) -> None:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     case, name = lp.LinearCase(**job["case"]), job["provider"]
+    if job.get("interleave"):
+        pin_malloc(GLIBC_MMAP)
+        for rec in time_interleaved(job["providers"], case, job):
+            print(PREFIX + json.dumps(rec), flush=True)
+        return
     mem = memory_unit(name, case, job)
     if mem["status"] == "ok":
         pin_malloc(GLIBC_MMAP)
@@ -203,6 +248,15 @@ def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
     isolated = opts.device == "cpu" and not opts.in_process
     records = []
     for case in cases:
+        if opts.interleave:
+            print(f"{case.label}: {', '.join(providers)} interleaved", flush=True)
+            expected = [{"provider": n, "case": case.to_dict()} for n in providers]
+            job_case = {**job, "interleave": True, "provider": None, "providers": providers,
+                        "case": case.to_dict()}
+            records += (_subprocess(job_case, expected) if isolated
+                        else time_interleaved(providers, case, job))
+            flush(records)
+            continue
         for name in providers:
             print(f"{case.label}: {name}", flush=True)
             if isolated:
@@ -240,12 +294,15 @@ def table(records) -> str:
     """Markdown: one row per case and provider, ratios to the baselines of the same case."""
     by = {(r["case"]["preset"], r["case"]["head"], r["provider"]): r for r in records}
     for r in records:
-        if r["status"] == "ok":
+        if r["status"] == "ok" and "peak" in r:
             r["mem"] = max(r["peak"] - r["grad_bytes"], 0)
+
+    def mib(r, key):
+        return f"{r[key] / MB:.0f}" if key in r else "-"
 
     def ratio(r, base, key):
         b = by.get((r["case"]["preset"], r["case"]["head"], base))
-        if not b or b["status"] != "ok" or r["status"] != "ok" or not b.get(key):
+        if not b or b["status"] != "ok" or not b.get(key) or r.get(key) is None:
             return "-"
         return f"{r[key] / b[key]:.3f}"
 
@@ -263,8 +320,8 @@ def table(records) -> str:
             continue
         lines.append(
             f"| {c['preset']} | {c['head']} | {r['provider']} | {r['fwd_bwd_ms'] / 1e3:.2f} | "
-            f"{r['fwd_ms'] / 1e3:.2f} | {r['bwd_ms'] / 1e3:.2f} | {r['mem'] / MB:.0f} | "
-            f"{r['peak'] / MB:.0f} | {ratio(r, 'materialise-unisd', 'fwd_bwd_ms')} | "
+            f"{r['fwd_ms'] / 1e3:.2f} | {r['bwd_ms'] / 1e3:.2f} | {mib(r, 'mem')} | "
+            f"{mib(r, 'peak')} | {ratio(r, 'materialise-unisd', 'fwd_bwd_ms')} | "
             f"{ratio(r, 'liger', 'fwd_bwd_ms')} | {ratio(r, BASELINE, 'mem')} | "
             f"{ratio(r, 'materialise-unisd', 'mem')} | "
             f"{r.get('loss_rel_err', float('nan')):.1e} | "
