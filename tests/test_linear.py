@@ -324,3 +324,23 @@ def test_feature_term_needs_equal_hidden_sizes():
     with pytest.raises(ValueError, match=r"feature_weight > 0 needs teacher_hidden with the "
                                          r"student's hidden size H=4, got Ht=6"):
         usd.unisd_linear_loss(**case, config=usd.UniSDConfig.preset("match"))
+
+
+def test_backward_allocates_nothing_weight_sized():
+    case = make_case(V=V, H=16)
+    w = case["student_weight"].clone().requires_grad_()
+    case.update(student_weight=w, teacher_weight=w)
+    out = usd.unisd_linear_loss(**case, chunk_bytes=CHUNK)
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.numel() >= w.numel():
+                made.append(func)
+            return result
+
+    with Record():
+        (2.0 * out.loss).backward()
+    # the forward's d W is scaled in place and handed over: no zeros, no copy
+    assert set(made) <= {torch.ops.aten.mul_.Tensor, torch.ops.aten.detach.default}, made
