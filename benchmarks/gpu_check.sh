@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a lent H100/H200 (about 8 minutes), run from the repo root:
+# One prepared GPU check for a lent H100/H200 (about 11 minutes), run from the repo root:
 #
 #   bash benchmarks/gpu_check.sh            # results under $OUT (or ./gpu_out when unset)
 #
@@ -12,13 +12,18 @@
 #    cases that do not fit are reported as oom, those left when the time budget runs out
 #    as skipped
 # 4. the pytest-benchmark suite at one shape, writing its JSON
-# 5. the forward+backward tables, issue 3's printed last
+# 5. issue 12's fused-linear case: hidden states in, N = 8192 tokens (B 4 x T 2048), H = 3584,
+#    V = 152064, bf16, presets sd and unisd_star, frozen and trainable head: materialise-eager,
+#    materialise-unisd, unisd_linear_loss and Liger's fused-linear JSD (python -m
+#    benchmarks.linear; table_linear.md)
+# 6. the forward+backward tables, issue 3's printed last
 #
 # The machine has no network. It needs python3 with torch, triton, pytest, pytest-benchmark,
 # matplotlib and tqdm (the lent image has them). The package runs from this tree through
 # PYTHONPATH. Liger-Kernel is optional: put its wheel in .whl/ at the repo root (see
 # benchmarks/README.md) and carry .whl. At most 8 files come back from $OUT, so all but the
-# logs, CSVs and tables is packed into gpu_results.tar.gz (plots, JSON, machine.md).
+# logs, CSVs and tables is packed into gpu_results.tar.gz (plots, JSON, machine.md, the
+# fused-linear CSV).
 # DRY_RUN=1 runs the same plumbing on CPU with tiny shapes (to check the script itself).
 set -u
 cd "$(dirname "$0")/.."
@@ -31,6 +36,7 @@ T_HEAD=${T_HEAD:-130}        # seconds for issue 3's comparison
 T_SWEEP=${T_SWEEP:-140}      # sweep time budget (cases not started by then are skipped)
 T_SWEEP_KILL=${T_SWEEP_KILL:-190}
 T_PYBENCH=${T_PYBENCH:-40}
+T_LINEAR=${T_LINEAR:-180}    # seconds for the fused-linear case
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 unset TRITON_INTERPRET
@@ -45,6 +51,7 @@ SHAPES=(--dtype bf16 --vocab 32000,128256,151936 --tokens 1024,4096,8192,16384
 PROVIDERS=eager,compile-dynamic,unisd,unisd-torch,liger
 TESTS=(tests -m "gpu or not slow")
 PYBENCH=(--bench-vocab 151936 --bench-tokens 4096)
+LINEAR=(--batch 4 --seq 2048 --hidden 3584 --vocab 152064 --dtype bf16 --reps 3 --warmup 1)
 if [ "${DRY_RUN:-0}" = 1 ]; then
   DEVICE=cpu
   export TRITON_INTERPRET=1
@@ -54,6 +61,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   PROVIDERS=eager,unisd,liger
   TESTS=(tests/test_benchmarks_smoke.py -k eager_baseline)
   PYBENCH=(--bench-vocab 256 --bench-tokens 32 --bench-device cpu)
+  LINEAR=(--batch 2 --seq 8 --hidden 32 --vocab 3001 --dtype fp32 --reps 1 --warmup 0
+          --heads frozen --providers materialise-eager,linear,liger)
 fi
 
 step environment
@@ -96,6 +105,18 @@ timeout "$T_PYBENCH" "$PY" -m pytest benchmarks -q -p no:cacheprovider "${PYBENC
   --bench-rounds 5 --benchmark-json "$WORK/pytest_benchmark.json" \
   > "$WORK/pytest_benchmark.log" 2>&1
 echo "exit code $?"
+
+step "issue 12: fused-linear, N=8192 H=3584 V=152064 bf16 (timeout ${T_LINEAR}s)"
+timeout "$T_LINEAR" "$PY" -m benchmarks.linear --device "$DEVICE" --presets sd,unisd_star \
+  --heads frozen,trainable "${LINEAR[@]}" --out "$WORK/linear" > "$WORK/linear.log" 2>&1
+echo "exit code $?"
+if [ -f "$WORK/linear/table.md" ]; then
+  cp "$WORK/linear/table.md" "$OUT/table_linear.md"
+  cat "$WORK/linear/table.md"
+else
+  echo "no results (timed out or failed); end of linear.log:"
+  tail -n 30 "$WORK/linear.log"
+fi
 
 tar -czf "$OUT/gpu_results.tar.gz" -C "$WORK" . 2>/dev/null
 for run in sweep issue3; do

@@ -6,8 +6,9 @@ preset and head (frozen: gradient for the hidden states only; trainable: also th
 Metrics: median time (forward, backward, their sum) and peak memory above the inputs, raw and
 without the gradients every provider must return (d hidden, and d weight when trainable);
 the loss and d hidden of each provider against materialise-eager's. On CPU each provider runs
-in a worker process of its own (``--worker``), memory measured first under a small mmap
-threshold, as in benchmarks/measure.py. Writes results.csv, table.md and machine.md to --out.
+each case in a worker process of its own (``--worker``): warm-up, the memory repetition under
+a small mmap threshold (as in benchmarks/measure.py), then the timed repetitions. Writes
+results.csv, table.md and machine.md (with the load average before and after) to --out.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--chunk-bytes", type=int, default=None,
                     help="unisd_linear_loss chunk budget (default: its own)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--interleave", action="store_true",
+                    help="times only: all providers of a case in one process, interleaved "
+                         "repetition by repetition (fair on a machine whose load drifts); "
+                         "no memory figures")
     ap.add_argument("--in-process", action="store_true",
                     help="CPU: no worker processes (memory figures then only approximate)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<device>-linear")
@@ -86,8 +91,9 @@ def _one_rep(fn, inputs, memory, clock):
             "grad_bytes": grads, "loss": float(loss.detach())}
 
 
-def run_unit(name, case, opts, phase, grad_dir=None) -> dict:
-    """Memory ("memory") or time and results ("time") of provider ``name`` on ``case``."""
+def memory_unit(name, case, opts) -> dict:
+    """Peak memory above the inputs of provider ``name`` on ``case`` (one repetition after
+    the warm-up ones), and the bytes of the gradients it returned."""
     from .measure import tools_for, trim_heap
 
     device = torch.device(opts["device"])
@@ -103,38 +109,99 @@ def run_unit(name, case, opts, phase, grad_dir=None) -> dict:
         fn = lp.make(name, cfg, opts.get("chunk_bytes"))
         for _ in range(opts["warmup"]):
             _one_rep(fn, inputs, memory, clock)
-        if phase == "memory":
-            for t in lp.grad_leaves(inputs):
-                t.grad = None
-            gc.collect()
-            trim_heap()
-            r = _one_rep(fn, inputs, memory, clock)
-            rec.update(peak=max(r["peak"], 0), grad_bytes=r["grad_bytes"])
-        else:
-            reps = [_one_rep(fn, inputs, memory, clock) for _ in range(max(opts["reps"], 1))]
-            for key in ("fwd_ms", "bwd_ms"):
-                rec[key] = sorted(r[key] for r in reps)[len(reps) // 2]
-            rec["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"]
-                                       for r in reps)[len(reps) // 2]
-            rec["loss"] = reps[-1]["loss"]
-            if grad_dir:
-                torch.save(inputs["student_hidden"].grad.float().cpu(),
-                           os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
+        for t in lp.grad_leaves(inputs):
+            t.grad = None
+        gc.collect()
+        trim_heap()
+        r = _one_rep(fn, inputs, memory, clock)
+        rec.update(peak=max(r["peak"], 0), grad_bytes=r["grad_bytes"])
     except Exception as exc:  # a failing provider must not stop the run
-        oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
-        rec.update(status="oom" if oom else "error",
-                   note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        _failed(rec, exc)
     finally:
         del inputs
-        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rec
 
 
+def _failed(rec, exc) -> None:
+    oom = isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+    rec.update(status="oom" if oom else "error",
+               note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+
+
+def time_case(name, case, opts, grad_dir) -> dict:
+    """Median times of provider ``name`` on ``case`` over ``opts["reps"]`` repetitions after
+    ``opts["warmup"]`` untimed ones; saves its d hidden for the error column."""
+    from .measure import tools_for
+
+    device = torch.device(opts["device"])
+    cfg = config_for(case.preset)
+    clock, memory = tools_for(device)
+    inputs = lp.make_inputs(case, device)
+    rec = {"provider": name, "case": case.to_dict(), "status": "ok", "note": ""}
+    why = lp.unavailable(name, cfg)
+    if why:
+        rec.update(status="skipped", note=why)
+        return rec
+    try:
+        fn = lp.make(name, cfg, opts.get("chunk_bytes"))
+        for _ in range(opts["warmup"]):
+            _one_rep(fn, inputs, memory, clock)
+        reps = [_one_rep(fn, inputs, memory, clock) for _ in range(max(opts["reps"], 1))]
+    except Exception as exc:  # noqa: BLE001 - reported in the record
+        _failed(rec, exc)
+        return rec
+    if grad_dir:
+        torch.save(inputs["student_hidden"].grad.float().cpu(),
+                   os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
+    for key in ("fwd_ms", "bwd_ms"):
+        rec[key] = sorted(r[key] for r in reps)[len(reps) // 2]
+    rec["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in reps)[len(reps) // 2]
+    rec["loss"] = reps[-1]["loss"]
+    return rec
+
+
+def time_interleaved(names, case, opts) -> list[dict]:
+    """Times of the providers ``names`` on one set of inputs: each warmed up, then every
+    repetition runs each provider once in turn, so that a drifting load weighs on all alike;
+    medians."""
+    from .measure import tools_for
+
+    device = torch.device(opts["device"])
+    cfg = config_for(case.preset)
+    clock, memory = tools_for(device)
+    inputs = lp.make_inputs(case, device)
+    recs, fns = {}, {}
+    for name in names:
+        recs[name] = {"provider": name, "case": case.to_dict(), "status": "ok", "note": "",
+                      "reps": []}
+        why = lp.unavailable(name, cfg)
+        if why:
+            recs[name].update(status="skipped", note=why)
+            continue
+        fns[name] = lp.make(name, cfg, opts.get("chunk_bytes"))
+        for _ in range(opts["warmup"]):
+            _one_rep(fns[name], inputs, memory, clock)
+    for _ in range(max(opts["reps"], 1)):
+        for name, fn in fns.items():
+            recs[name]["reps"].append(_one_rep(fn, inputs, memory, clock))
+            if opts.get("grad_dir"):
+                torch.save(inputs["student_hidden"].grad.float().cpu(),
+                           os.path.join(opts["grad_dir"], f"{name}_{case.preset}_{case.head}.pt"))
+    for name in fns:
+        rs = recs[name].pop("reps")
+        for key in ("fwd_ms", "bwd_ms"):
+            recs[name][key] = sorted(r[key] for r in rs)[len(rs) // 2]
+        recs[name]["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in rs)[len(rs) // 2]
+        recs[name]["loss"] = rs[-1]["loss"]
+    return [recs[n] for n in names]
+
+
 def worker(job_path: str) -> None:
-    """One provider on every case: memory first (64 KiB mmap threshold since the process
-    start), then times (glibc's usual threshold)."""
+    """One provider on one case: the warm-up and the memory repetition under a 64 KiB mmap
+    threshold set at the process start (as in benchmarks/measure.py), then the timed
+    repetitions under glibc's usual threshold (already warm: no second warm-up)."""
     from .measure import GLIBC_MMAP, SMALL_MMAP, pin_malloc
 
     pin_malloc(SMALL_MMAP)
@@ -142,48 +209,69 @@ def worker(job_path: str) -> None:
         job = json.load(f)
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    cases = [lp.LinearCase(**c) for c in job["cases"]]
-    mems = [run_unit(job["provider"], c, job, "memory") for c in cases]
-    pin_malloc(GLIBC_MMAP)
-    for case, mem in zip(cases, mems, strict=True):
-        rec = mem if mem["status"] != "ok" else {
-            **run_unit(job["provider"], case, job, "time", job["grad_dir"]),
-            "peak": mem["peak"], "grad_bytes": mem["grad_bytes"]}
-        print(PREFIX + json.dumps(rec), flush=True)
+    case, name = lp.LinearCase(**job["case"]), job["provider"]
+    if job.get("interleave"):
+        pin_malloc(GLIBC_MMAP)
+        for rec in time_interleaved(job["providers"], case, job):
+            print(PREFIX + json.dumps(rec), flush=True)
+        return
+    mem = memory_unit(name, case, job)
+    if mem["status"] == "ok":
+        pin_malloc(GLIBC_MMAP)
+        rec = time_case(name, case, {**job, "warmup": 0}, job["grad_dir"])
+        if rec["status"] == "ok":
+            rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
+        mem = rec
+    print(PREFIX + json.dumps(mem), flush=True)
 
 
-def _run_all(opts, cases, providers, grad_dir) -> list[dict]:
+def _subprocess(job: dict, expected: list[dict]) -> list[dict]:
+    """Run one worker job; records for what it did not report say why."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.linear", "--worker", f.name],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    os.unlink(f.name)
+    got = [json.loads(line[len(PREFIX):]) for line in proc.stdout.splitlines()
+           if line.startswith(PREFIX)]
+    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    return got + [{**e, "status": "error", "note": f"worker exit {proc.returncode}: {tail}"}
+                  for e in expected[len(got):]]
+
+
+def _run_all(opts, cases, providers, grad_dir, flush) -> list[dict]:
+    """Case by case, provider by provider: on CPU a worker process for each (its own peak
+    memory), on CUDA (or --in-process) in this process. ``flush(records)`` after each."""
     job = {"device": opts.device, "warmup": opts.warmup, "reps": opts.reps,
-           "chunk_bytes": opts.chunk_bytes, "threads": opts.threads,
-           "cases": [c.to_dict() for c in cases], "grad_dir": grad_dir}
+           "chunk_bytes": opts.chunk_bytes, "threads": opts.threads, "grad_dir": grad_dir}
+    isolated = opts.device == "cpu" and not opts.in_process
     records = []
-    for name in providers:
-        print(f"{name} ...", flush=True)
-        if opts.device == "cuda" or opts.in_process:
-            from .measure import GLIBC_MMAP, pin_malloc
-
-            pin_malloc(GLIBC_MMAP)
-            for case in cases:
-                mem = run_unit(name, case, job, "memory")
-                rec = mem if mem["status"] != "ok" else {
-                    **run_unit(name, case, job, "time", grad_dir), "peak": mem["peak"],
-                    "grad_bytes": mem["grad_bytes"]}
-                records.append(rec)
+    for case in cases:
+        if opts.interleave:
+            print(f"{case.label}: {', '.join(providers)} interleaved", flush=True)
+            expected = [{"provider": n, "case": case.to_dict()} for n in providers]
+            job_case = {**job, "interleave": True, "provider": None, "providers": providers,
+                        "case": case.to_dict()}
+            records += (_subprocess(job_case, expected) if isolated
+                        else time_interleaved(providers, case, job))
+            flush(records)
             continue
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({**job, "provider": name}, f)
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.linear", "--worker", f.name],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
-        os.unlink(f.name)
-        got = [json.loads(line[len(PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(PREFIX)]
-        if proc.returncode != 0 and len(got) < len(cases):
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
-            got += [{"provider": name, "case": c.to_dict(), "status": "error",
-                     "note": f"worker exit {proc.returncode}: {tail}"}
-                    for c in cases[len(got):]]
-        records.extend(got)
+        for name in providers:
+            print(f"{case.label}: {name}", flush=True)
+            if isolated:
+                expected = {"provider": name, "case": case.to_dict()}
+                rec = _subprocess({**job, "provider": name, "case": case.to_dict()},
+                                  [expected])[0]
+            else:
+                rec = memory_unit(name, case, job)
+                if rec["status"] == "ok":
+                    mem = rec
+                    rec = time_case(name, case, {**job, "warmup": 0}, grad_dir)
+                    if rec["status"] == "ok":
+                        rec.update(peak=mem["peak"], grad_bytes=mem["grad_bytes"])
+            records.append(rec)
+            flush(records)
     return records
 
 
@@ -205,10 +293,16 @@ def _errors(records, grad_dir) -> None:
 def table(records) -> str:
     """Markdown: one row per case and provider, ratios to the baselines of the same case."""
     by = {(r["case"]["preset"], r["case"]["head"], r["provider"]): r for r in records}
+    for r in records:
+        if r["status"] == "ok" and "peak" in r:
+            r["mem"] = max(r["peak"] - r["grad_bytes"], 0)
+
+    def mib(r, key):
+        return f"{r[key] / MB:.0f}" if key in r else "-"
 
     def ratio(r, base, key):
         b = by.get((r["case"]["preset"], r["case"]["head"], base))
-        if not b or b["status"] != "ok" or r["status"] != "ok" or not b.get(key):
+        if not b or b["status"] != "ok" or not b.get(key) or r.get(key) is None:
             return "-"
         return f"{r[key] / b[key]:.3f}"
 
@@ -224,11 +318,10 @@ def table(records) -> str:
             lines.append(f"| {c['preset']} | {c['head']} | {r['provider']} | "
                          f"{r['status']}: {r['note']} |" + " |" * 10)
             continue
-        r["mem"] = max(r["peak"] - r["grad_bytes"], 0)
         lines.append(
             f"| {c['preset']} | {c['head']} | {r['provider']} | {r['fwd_bwd_ms'] / 1e3:.2f} | "
-            f"{r['fwd_ms'] / 1e3:.2f} | {r['bwd_ms'] / 1e3:.2f} | {r['mem'] / MB:.0f} | "
-            f"{r['peak'] / MB:.0f} | {ratio(r, 'materialise-unisd', 'fwd_bwd_ms')} | "
+            f"{r['fwd_ms'] / 1e3:.2f} | {r['bwd_ms'] / 1e3:.2f} | {mib(r, 'mem')} | "
+            f"{mib(r, 'peak')} | {ratio(r, 'materialise-unisd', 'fwd_bwd_ms')} | "
             f"{ratio(r, 'liger', 'fwd_bwd_ms')} | {ratio(r, BASELINE, 'mem')} | "
             f"{ratio(r, 'materialise-unisd', 'mem')} | "
             f"{r.get('loss_rel_err', float('nan')):.1e} | "
@@ -270,19 +363,23 @@ def main(argv=None) -> None:
     print(f"{len(cases)} cases x {len(providers)} providers on {env['machine']}, load "
           f"average {env['load_average']}", flush=True)
     start = time.time()
+
+    def flush(records):
+        _write_csv(records, os.path.join(opts.out, "results.csv"), env)
+        with open(os.path.join(opts.out, "table.md"), "w") as f:
+            f.write(table(records))
+
+    with open(os.path.join(opts.out, "machine.md"), "w") as f:
+        f.write(machine_markdown(env, command))
     with tempfile.TemporaryDirectory() as grad_dir:
-        records = _run_all(opts, cases, providers, grad_dir)
+        records = _run_all(opts, cases, providers, grad_dir, flush)
         _errors(records, grad_dir)
-    text = table(records)
-    env_end = environment(torch.device(opts.device))
-    env["load_average_end"] = env_end["load_average"]
+    flush(records)
+    env["load_average_end"] = environment(torch.device(opts.device))["load_average"]
     env["wall_s"] = f"{time.time() - start:.0f}"
     with open(os.path.join(opts.out, "machine.md"), "w") as f:
         f.write(machine_markdown(env, command))
-    with open(os.path.join(opts.out, "table.md"), "w") as f:
-        f.write(text)
-    _write_csv(records, os.path.join(opts.out, "results.csv"), env)
-    print(text)
+    print(table(records))
     print(f"load average before {env['load_average']}, after {env['load_average_end']}")
 
 

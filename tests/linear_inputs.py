@@ -37,15 +37,18 @@ def make_case(B=2, T=7, H=16, V=1001, K=3, Ht=None, shared=True, bias=True, dtyp
     return cast(case, dtype)
 
 
-def cast(case, dtype):
-    """Floating tensors to ``dtype``; a shared head stays one tensor."""
+def cast(case, dtype, device=None):
+    """Floating tensors to ``dtype`` (all tensors to ``device`` if given); a shared head stays
+    one tensor."""
     done = {}
 
     def one(x):
-        if not torch.is_tensor(x) or not x.is_floating_point():
+        if not torch.is_tensor(x):
             return x
+        if not x.is_floating_point():
+            return x if device is None else x.to(device)
         if id(x) not in done:
-            done[id(x)] = x.detach().to(dtype)
+            done[id(x)] = x.detach().to(dtype=dtype, device=device)
         return done[id(x)]
 
     return {k: [one(v) for v in x] if isinstance(x, list) else one(x) for k, x in case.items()}

@@ -82,9 +82,10 @@ class LinearResult:
     grad_bias: torch.Tensor | None
 
 
-def chunk_ranges(N: int, rows_per_part: int, V: int, itemsize: int, chunk_bytes: int):
-    """[r0, r1) row ranges whose logits (``rows_per_part`` rows each) fit ``chunk_bytes``."""
-    rows = max(1, chunk_bytes // (rows_per_part * V * itemsize))
+def chunk_ranges(N: int, parts: int, V: int, itemsize: int, chunk_bytes: int):
+    """[r0, r1) ranges of N rows such that ``parts`` logits rows per row fit ``chunk_bytes``
+    (at least one row per chunk)."""
+    rows = max(1, chunk_bytes // (parts * V * itemsize))
     return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
@@ -99,25 +100,27 @@ def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap) -> Non
     logit_map.apply_(out)
 
 
-def score_rows(call: LinearCall, groups):
-    """Label log-probs through the teacher head of the row tensors in ``groups`` [(list of
-    (N, Ht) tensors, tau)]: one GEMM per chunk over every tensor of every group, then one
-    label pass per group. Returns a float32 (P_g, N) tensor per group; 0 on ignored rows."""
-    head, V, N = call.teacher_head, call.teacher_head.weight.shape[0], call.labels.shape[0]
+def score_rows(call: LinearCall, index: torch.Tensor, groups):
+    """Label log-probs through the teacher head of the rows ``index`` of the (N, Ht) tensors
+    in ``groups`` [(list of tensors, tau)]: one GEMM per chunk over every tensor of every
+    group, then one label pass per group. Returns a float32 (P_g, len(index)) per group."""
+    head, V = call.teacher_head, call.teacher_head.weight.shape[0]
     tensors = [x for xs, _ in groups for x in xs]
-    P = len(tensors)
-    outs = [torch.zeros(len(xs), N, dtype=torch.float32, device=call.labels.device)
+    P, n_rows = len(tensors), index.shape[0]
+    outs = [torch.zeros(len(xs), n_rows, dtype=torch.float32, device=index.device)
             for xs, _ in groups]
-    ranges = chunk_ranges(N, P, V, head.weight.element_size(), call.chunk_bytes)
-    buf = torch.empty((ranges[0][1] * P, V), dtype=head.weight.dtype, device=head.weight.device)
+    ranges = chunk_ranges(n_rows, P, V, head.weight.element_size(), call.chunk_bytes)
+    buf = torch.empty((ranges[0][1] * P if ranges else 0, V), dtype=head.weight.dtype,
+                      device=head.weight.device)
+    labels = call.labels[index]
     for r0, r1 in ranges:
-        n = r1 - r0
+        n, idx = r1 - r0, index[r0:r1]
         logits = buf[:P * n]
-        head_logits(logits, head, [x[r0:r1] for x in tensors], call.logit_map)
+        head_logits(logits, head, [x.index_select(0, idx) for x in tensors], call.logit_map)
         first = 0
         for (xs, tau), out in zip(groups, outs, strict=True):
             rows = logits[first * n:(first + len(xs)) * n]
-            y = call.labels[r0:r1].repeat(len(xs))
+            y = labels[r0:r1].repeat(len(xs))
             lp = call.backend.label_logprob(rows.view(1, -1, V), y.view(1, -1), tau=tau,
                                             ignore_index=call.config.ignore_index)
             out[:, r0:r1] = lp.view(len(xs), n)
@@ -125,10 +128,10 @@ def score_rows(call: LinearCall, groups):
     return outs
 
 
-def chunk_logits(call: LinearCall, buf: torch.Tensor, r0: int, r1: int):
-    """Student and teacher logits of rows r0:r1 in ``buf`` (2 n, V): (z, u) as (n, V)."""
-    n = r1 - r0
-    hs, ht = call.student_rows[r0:r1], call.teacher_rows[r0:r1]
+def chunk_logits(call: LinearCall, buf: torch.Tensor, hs, ht):
+    """Student and teacher logits of the chunk rows ``hs``, ``ht`` in ``buf`` (2 n, V): (z, u)
+    as (n, V)."""
+    n = hs.shape[0]
     logits = buf[:2 * n]
     if call.shared:
         head_logits(logits, call.student_head, [hs, ht], call.logit_map)
@@ -153,50 +156,81 @@ def chunk_grad(call: LinearCall, z, u, y, stats: RowStats, rows: co.RowCoefficie
     return out
 
 
-class Accumulators:
-    """float32 d hidden (N, H), d weight (V, H) and d bias (V,), for the grads asked for."""
+_MIXED_ADDMM: dict = {}
 
-    def __init__(self, call: LinearCall):
+
+def mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc32, a16, b16, out_dtype=float32, out=acc32)`` (a 16-bit GEMM
+    accumulating into float32, CUDA only) runs and is right here; probed once per device
+    and dtype on a tiny product. Otherwise the chunk is upcast to float32 first."""
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        ok = False
+        if device.type == "cuda":
+            a = torch.arange(6, device=device, dtype=dtype).view(2, 3)
+            acc = torch.ones(2, 2, device=device)
+            try:
+                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+                ok = torch.equal(acc.cpu(), torch.tensor([[6.0, 15.0], [15.0, 51.0]]))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _MIXED_ADDMM[key] = ok
+    return _MIXED_ADDMM[key]
+
+
+class Accumulators:
+    """float32 d hidden (of the ``n_rows`` rows scored), d weight (V, H) and d bias (V,), for
+    the gradients asked for."""
+
+    def __init__(self, call: LinearCall, n_rows: int):
         w = call.student_head.weight
         want_h, want_w, want_b = call.grads
-        rows = call.student_rows
-        self.hidden = (torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        self.hidden = (torch.zeros((n_rows, w.shape[1]), dtype=torch.float32, device=w.device)
                        if want_h else None)
         self.weight = (torch.zeros(w.shape, dtype=torch.float32, device=w.device)
                        if want_w else None)
         self.bias = (torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
                      if want_b else None)
 
-    def add(self, call: LinearCall, grad: torch.Tensor, r0: int, r1: int) -> None:
-        """d h = dx W for the chunk's rows; d W += dx^T h; d b += sum_rows dx."""
+    def add(self, call: LinearCall, grad: torch.Tensor, h: torch.Tensor, r0: int) -> None:
+        """d h = dx W for the chunk's rows (from r0); d W += dx^T h; d b += sum_rows dx."""
         w = call.student_head.weight
         if self.hidden is not None:
+            rows = self.hidden[r0:r0 + grad.shape[0]]
             if w.dtype == torch.float32:
-                torch.mm(grad, w, out=self.hidden[r0:r1])
+                torch.mm(grad, w, out=rows)
             else:
-                self.hidden[r0:r1] = torch.mm(grad, w)
+                rows.copy_(torch.mm(grad, w))
         if self.weight is not None:
-            h = call.student_rows[r0:r1]
-            if grad.dtype != torch.float32:
-                grad, h = grad.float(), h.float()
-            self.weight.addmm_(grad.t(), h)
+            if grad.dtype == torch.float32:
+                self.weight.addmm_(grad.t(), h)
+            elif mixed_addmm_works(grad.device, grad.dtype):
+                torch.addmm(self.weight, grad.t(), h, out_dtype=torch.float32, out=self.weight)
+            else:
+                self.weight.addmm_(grad.t().float(), h.float())
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=torch.float32))
 
 
-def run_chunks(call: LinearCall, stats: torch.Tensor, scales: co.RowScales, b_lab, c,
-               *, with_stats: bool, acc: Accumulators | None) -> None:
-    """One pass over the chunks: the logits by GEMM, then (``with_stats``) the row stats into
-    ``stats`` (6, N), and (``acc``) the chunk's gradient into the accumulators."""
+def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
+               scales: co.RowScales, b_lab, c, *, with_stats: bool,
+               acc: Accumulators | None) -> None:
+    """One pass over the chunks of the rows ``index``: the logits by GEMM, then
+    (``with_stats``) the row stats into ``stats`` (6, len(index)), and (``acc``) the chunk's
+    gradient into the accumulators. ``scales``, ``b_lab`` are those of the same rows."""
     cfg, V = call.config, call.student_head.weight.shape[0]
-    N = call.labels.shape[0]
-    dtype = call.student_head.weight.dtype
-    ranges = chunk_ranges(N, 2, V, call.student_head.weight.element_size(), call.chunk_bytes)
-    buf = torch.empty((2 * ranges[0][1], V), dtype=dtype, device=call.labels.device)
-    mask = call.labels != cfg.ignore_index
+    ranges = chunk_ranges(index.shape[0], 2, V, call.student_head.weight.element_size(),
+                          call.chunk_bytes)
+    if not ranges:
+        return
+    buf = torch.empty((2 * ranges[0][1], V), dtype=call.student_head.weight.dtype,
+                      device=index.device)
+    labels = call.labels[index]
+    everywhere = torch.ones_like(labels, dtype=torch.bool)
     for r0, r1 in ranges:
-        z, u = chunk_logits(call, buf, r0, r1)
-        y = call.labels[r0:r1]
+        idx, y = index[r0:r1], labels[r0:r1]
+        hs = call.student_rows.index_select(0, idx)
+        z, u = chunk_logits(call, buf, hs, call.teacher_rows.index_select(0, idx))
         if with_stats:
             st = call.backend.row_stats(z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1),
                                         divergence=cfg.divergence, tau=cfg.temperature,
@@ -207,52 +241,64 @@ def run_chunks(call: LinearCall, stats: torch.Tensor, scales: co.RowScales, b_la
         st = RowStats(*stats[:, r0:r1])
         part = co.RowScales(*(s[r0:r1] for s in scales))
         rows = co.row_coefficients(st.divergence, st.student_label, st.teacher_label,
-                                   None if b_lab is None else b_lab[r0:r1], mask[r0:r1], c,
-                                   part, cfg)
-        acc.add(call, chunk_grad(call, z, u, y, st, rows), r0, r1)
+                                   None if b_lab is None else b_lab[r0:r1],
+                                   everywhere[r0:r1], c, part, cfg)
+        acc.add(call, chunk_grad(call, z, u, y, st, rows), hs, r0)
+
+
+def scatter_rows(values: torch.Tensor, index: torch.Tensor, N: int, dim: int = -1):
+    """Values of the rows ``index`` (along ``dim``) placed into zeros of size N there."""
+    shape = list(values.shape)
+    shape[dim] = N
+    return values.new_zeros(shape).index_copy_(dim, index, values)
 
 
 def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,
                 student_hidden, teacher_hidden, num_items_in_batch) -> LinearResult:
     """The whole fused-linear loss. ``shape`` = (B, T); ``view_rows`` a list of K (N, Ht)
-    tensors or None (then ``view_lp`` (K, B, T)); likewise the negative. Views and negative
-    are scored first, so that every per-row coefficient is known in the one pass over the
-    student/teacher chunks; only ``clip_quantile`` adds a stats pass before it."""
+    tensors or None (then ``view_lp`` (K, B, T)); likewise the negative.
+
+    Only the rows whose label is not ignored are multiplied by a head (an ignored row has
+    zero loss and gradient). Views and negative are scored first, so that every per-row
+    coefficient is known in the one pass over the student/teacher chunks; only
+    ``clip_quantile`` adds a stats pass before it."""
     cfg = call.config
+    N = call.labels.shape[0]
+    mask = call.labels != cfg.ignore_index
+    index = mask.nonzero().squeeze(1)
     groups = []
     if cfg.agreement != "none" and view_lp is None:
         groups.append((view_rows, cfg.view_temperature))
     if cfg.contrastive_weight > 0 and negative_lp is None:
         groups.append(([negative_rows], cfg.temperature))
-    scored = score_rows(call, groups) if groups else []
+    scored = [scatter_rows(x, index, N) for x in score_rows(call, index, groups)] \
+        if groups else []
     if cfg.agreement != "none" and view_lp is None:
         view_lp = scored.pop(0).view(-1, *shape)
     if cfg.contrastive_weight > 0 and negative_lp is None:
         negative_lp = scored.pop(0).view(shape)
 
-    mask = call.labels != cfg.ignore_index
-    scales = co.RowScales(*(s.reshape(-1) for s in co.row_scales(
+    scales = co.RowScales(*(s.reshape(-1)[index] for s in co.row_scales(
         mask.view(shape), cfg, view_lp, num_items_in_batch)))
-    b_lab = (torch.where(mask, negative_lp.reshape(-1).float(), 0.0)
-             if cfg.contrastive_weight > 0 else None)
-    stats = torch.zeros(6, call.labels.shape[0], dtype=torch.float32,
-                        device=call.labels.device)
-    acc = Accumulators(call) if any(call.grads) else None
+    b_lab = negative_lp.reshape(-1)[index].float() if cfg.contrastive_weight > 0 else None
+    stats = torch.zeros(6, index.shape[0], dtype=torch.float32, device=index.device)
+    acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
-        run_chunks(call, stats, scales, b_lab, None, with_stats=True, acc=None)
-        c = co.clip_threshold(stats[2], mask, cfg)
-        run_chunks(call, stats, scales, b_lab, c, with_stats=False, acc=acc)
+        run_chunks(call, index, stats, scales, b_lab, None, with_stats=True, acc=None)
+        c = co.clip_threshold(stats[2], torch.ones_like(index, dtype=torch.bool), cfg)
+        run_chunks(call, index, stats, scales, b_lab, c, with_stats=False, acc=acc)
     else:
-        c = None if cfg.clip_quantile is not None else co.clip_threshold(stats[2], mask, cfg)
-        run_chunks(call, stats, scales, b_lab, c, with_stats=True, acc=acc)
+        c = None if cfg.clip_quantile is not None else co.clip_threshold(stats[2], None, cfg)
+        run_chunks(call, index, stats, scales, b_lab, c, with_stats=True, acc=acc)
 
-    terms = combine(RowStats(*stats.view(6, *shape)), mask.view(shape), cfg, view_lp,
-                    negative_lp, student_hidden, teacher_hidden, num_items_in_batch)
+    terms = combine(RowStats(*scatter_rows(stats, index, N).view(6, *shape)), mask.view(shape),
+                    cfg, view_lp, negative_lp, student_hidden, teacher_hidden,
+                    num_items_in_batch)
     if acc is None:
         return LinearResult(terms, None, None, None)
     grad_h = None
     if acc.hidden is not None:
-        grad_h = acc.hidden.view(student_hidden.shape)
+        grad_h = scatter_rows(acc.hidden, index, N, dim=0).view(student_hidden.shape)
         if terms.hidden_grad is not None:
             grad_h.add_(terms.hidden_grad)
         grad_h = grad_h.to(student_hidden.dtype)

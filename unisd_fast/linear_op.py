@@ -109,6 +109,9 @@ def _fake(*args):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[7:10])
     ctx.n_views = len(inputs[7])
+    # Only the loss is differentiated: no zero gradients for the other outputs (one of
+    # them is weight-sized).
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(grad, g):
@@ -121,11 +124,13 @@ def _scaled(grad, g):
 
 
 def _backward(ctx, grad_loss, *_):
+    grads = [None] * N_ARGS
+    grads[7] = [None] * ctx.n_views
+    if grad_loss is None:
+        return tuple(grads)
     grad_h, grad_w, grad_b = ctx.saved_tensors
     g = grad_loss.float()
-    grads = [None] * N_ARGS
     grads[0], grads[1], grads[2] = (_scaled(x, g) for x in (grad_h, grad_w, grad_b))
-    grads[7] = [None] * ctx.n_views
     return tuple(grads)
 
 
