@@ -17,6 +17,8 @@ from .backend import RowBackend, RowStats
 from .config import UniSDConfig
 from .fused import Coefficients, combine
 
+N_STATS = len(RowStats._fields)
+
 
 @dataclass(frozen=True)
 class LogitMap:
@@ -235,7 +237,7 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
             st = call.backend.row_stats(z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1),
                                         divergence=cfg.divergence, tau=cfg.temperature,
                                         alpha=cfg.jsd_alpha, ignore_index=cfg.ignore_index)
-            stats[:, r0:r1] = torch.stack(st).view(6, -1)
+            stats[:, r0:r1] = torch.stack(st).view(N_STATS, -1)
         if acc is None:
             continue
         st = RowStats(*stats[:, r0:r1])
@@ -281,7 +283,7 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
     scales = co.RowScales(*(s.reshape(-1)[index] for s in co.row_scales(
         mask.view(shape), cfg, view_lp, num_items_in_batch)))
     b_lab = negative_lp.reshape(-1)[index].float() if cfg.contrastive_weight > 0 else None
-    stats = torch.zeros(6, index.shape[0], dtype=torch.float32, device=index.device)
+    stats = torch.zeros(N_STATS, index.shape[0], dtype=torch.float32, device=index.device)
     acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
         run_chunks(call, index, stats, scales, b_lab, None, with_stats=True, acc=None)
@@ -291,9 +293,9 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
         c = None if cfg.clip_quantile is not None else co.clip_threshold(stats[2], None, cfg)
         run_chunks(call, index, stats, scales, b_lab, c, with_stats=True, acc=acc)
 
-    terms = combine(RowStats(*scatter_rows(stats, index, N).view(6, *shape)), mask.view(shape),
-                    cfg, view_lp, negative_lp, student_hidden, teacher_hidden,
-                    num_items_in_batch)
+    all_rows = RowStats(*scatter_rows(stats, index, N).view(N_STATS, *shape))
+    terms = combine(all_rows, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
+                    teacher_hidden, num_items_in_batch)
     if acc is None:
         return LinearResult(terms, None, None, None)
     grad_h = None

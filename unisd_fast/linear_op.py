@@ -50,7 +50,7 @@ def _backend(name: str):
         from . import kernels
 
         return kernels
-    return torch_backend
+    return torch_backend.default_backend()
 
 
 def _check_labels(labels, V: int, ignore_index: int) -> None:

@@ -67,7 +67,8 @@ def divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
 
 def stable_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
     """D in the shifted form: with dx = (z - u) / tau centred on its p_T-mean (a constant
-    shift), D_fkl = log E_pT[e^x] - E_pT[x] and D_rkl likewise with p_S and -x; jsd from
+    shift), D_fkl = log E_pT[e^x] - E_pT[x], and D_rkl likewise with p_S and -dx centred on
+    its p_S-mean; jsd from
     both and the second-order remainders of log M (docs/losses.md). Differentiable in z.
     Columns with a -inf take dx = 0 (right where both sides are -inf)."""
     log_ps = torch.log_softmax(z / tau, dim=-1)
@@ -76,10 +77,11 @@ def stable_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
     dx = torch.where((z == -math.inf) | (u == -math.inf), 0.0, z - u) / tau
     mu = (p_t * dx).sum(-1, keepdim=True).detach()
     x = dx - mu
-    d_f, lg = shifted_kl(p_t, x, log_pt + x)
+    d_f, lg, _ = shifted_kl(p_t, x, log_pt + x)
     if kind == "fkl":
         return d_f
-    d_r, _ = shifted_kl(p_s, -x, log_ps - x)
+    mu_s = (p_s * dx).sum(-1, keepdim=True).detach()
+    d_r, _, _ = shifted_kl(p_s, mu_s - dx, log_ps + mu_s - dx)
     if kind == "rkl":
         return d_r
     log_a = torch.tensor(math.log(alpha), dtype=z.dtype)

@@ -46,12 +46,15 @@ def log1p_minus_w(w):
 
 
 def shifted_kl(p, x, log_pe):
-    """(D, L) with L = log E_p[e^x] and D = L - E_p[x], reduced over the last dimension.
+    """(D, L, near) with L = log E_p[e^x] and D = L - E_p[x], reduced over the last dimension.
 
     ``p`` are normalised weights, ``x`` the (shifted) log-ratio and ``log_pe`` = log(p e^x),
     used where |x| is large so that nothing overflows. With a = E_p[x] and
     b = E_p[e^x - 1 - x] >= 0: L = log1p(a + b) and D = b + (log1p(a + b) - (a + b)), two
     terms with no cancellation when a + b is small; for |a + b| >= 0.25 D = L - a directly.
+    ``near`` marks the rows with |a + b| < 0.25. Elsewhere L = log1p(a + b) loses digits when
+    E_p[e^x] is far below 1 (a shift far from the p-mean of the log-ratio): a caller whose
+    shift is not that mean uses the textbook form on those rows, where D is not small.
     """
     a = (p * x).sum(-1)
     small = x.abs() < EXPM1_SERIES_MAX
@@ -60,8 +63,9 @@ def shifted_kl(p, x, log_pe):
     b = term.sum(-1)
     w = a + b
     lg = torch.log1p(w)
-    d = torch.where(w.abs() < LOG1P_SERIES_MAX, b + log1p_minus_w(w), lg - a)
-    return d, lg
+    near = w.abs() < LOG1P_SERIES_MAX
+    d = torch.where(near, b + log1p_minus_w(w), lg - a)
+    return d, lg, near
 
 
 def log1p_alpha_expm1(r, log_a, log_1ma):

@@ -50,7 +50,8 @@ def _xlogy_terms(p, diff):
 #   rkl: D, L = shifted_kl(p_S, -x), lse_S - lse_T = mu - L
 #   jsd: r = lp_T - lp_S = gap - dx; KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a),
 #        KL(p_S||M) = a D_rkl - sum p_S q(r; a), D = a KL(p_T||M) + (1-a) KL(p_S||M).
-# Rows with a one-sided -inf column, or whose shifted sums overflow, use the textbook forms.
+# Rows with a one-sided -inf column, whose shifted sums overflow, or whose shifted mean
+# E[e^x] is far from 1 (student far from teacher, D not small) use the textbook forms.
 # Returns (lse_S, lse_T, D, aux, lp_S(y), lp_T(y), lse_S - lse_T).
 def _stats(z, u, y, tau, alpha, divergence: str):
     zf = z.float()
@@ -72,22 +73,22 @@ def _stats(z, u, y, tau, alpha, divergence: str):
     ok = ~one.any(-1)
     zeros = torch.zeros_like(classic_gap)
     if divergence == "rkl":
-        d_r, lg = shifted_kl(p_s, -x, t + mu - lse_s)
-        ok = ok & d_r.isfinite()
+        d_r, lg, near = shifted_kl(p_s, -x, t + mu - lse_s)
+        ok = ok & near & d_r.isfinite()
         gap = (mu.squeeze(-1) - lg)
         classic = _xlogy_terms(p_s, lp_s - lp_t).sum(-1)
         d = torch.where(ok, d_r, classic)
         aux = zeros
     else:
-        d_f, lg = shifted_kl(p_t, x, s - mu - lse_t)
-        ok = ok & d_f.isfinite()
+        d_f, lg, near = shifted_kl(p_t, x, s - mu - lse_t)
+        ok = ok & near & d_f.isfinite()
         gap = lg + mu.squeeze(-1)
         if divergence == "fkl":
             d = torch.where(ok, d_f, _xlogy_terms(p_t, lp_t - lp_s).sum(-1))
             aux = zeros
         else:
-            d_r, _ = shifted_kl(p_s, -x, t + mu - lse_s)
-            ok = ok & d_r.isfinite()
+            d_r, _, near = shifted_kl(p_s, -x, t + mu - lse_s)
+            ok = ok & near & d_r.isfinite()
             log_a = torch.log(alpha)
             log_1ma = torch.log1p(-alpha)
             r = torch.where(ok, gap, classic_gap).unsqueeze(-1) - dx

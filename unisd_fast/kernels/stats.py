@@ -117,12 +117,12 @@ def _stats_kernel(
         classic_gap = lse_s - lse_t
         ok = one_sided == 0.0
         if DIV != RKL:
-            d_f, lg_t = shifted_kl_finish(a_t / l_t, g_t / l_t)
-            ok = ok & (tl.abs(d_f) < float("inf"))
+            d_f, lg_t, near_t = shifted_kl_finish(a_t / l_t, g_t / l_t)
+            ok = ok & near_t & (tl.abs(d_f) < float("inf"))
             gap = lg_t + mu
         if DIV != FKL:
-            d_r, lg_s = shifted_kl_finish(a_s / l_s, g_s / l_s)
-            ok = ok & (tl.abs(d_r) < float("inf"))
+            d_r, lg_s, near_s = shifted_kl_finish(a_s / l_s, g_s / l_s)
+            ok = ok & near_s & (tl.abs(d_r) < float("inf"))
             if DIV == RKL:
                 gap = mu - lg_s
         gap = tl.where(ok, gap, classic_gap)
