@@ -147,3 +147,21 @@ def test_harness_end_to_end_and_resume(tmp_path):
     assert ablation.main(argv) == 0
     with (out / "records.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_seed_table_spans_the_runs(tmp_path):
+    import json
+
+    for seed, acc in enumerate((0.9, 1.0)):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        evals = [{"kind": "eval", "step": s, "accuracy": a, "teacher_accuracy": 1.0,
+                  "kl_base": kl, "retention_ppl": 2.0} for s, a, kl in ((0, 0.0, 0.0),
+                                                                       (9, acc, 0.5 + seed))]
+        lines = [json.dumps(evals[0]), json.dumps({"kind": "train", "step": 1}),
+                 json.dumps(evals[1])]
+        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    text = ablation.seed_table([str(tmp_path / "s0"), str(tmp_path / "s1")])
+    row = next(r for r in text.splitlines() if r.startswith("| student"))
+    assert f"| 0.0% ± 0.0% | 95.0% ± {statistics.stdev([0.9, 1.0]):.1%} | [90.0%, 100.0%] |" in row
+    assert "[0.500, 1.500]" in text and "(2 seeds)" in text

@@ -363,6 +363,32 @@ def plot(records: list[dict], path: Path) -> Path | None:
     return path
 
 
+def seed_table(run_dirs: list[str]) -> str:
+    """Markdown: the first and last evaluation of several runs (one per seed) of
+    ``unisd-train``, mean ± standard deviation and [min, max] of each metric."""
+    import json
+
+    firsts, lasts = [], []
+    for folder in run_dirs:
+        lines = (Path(folder) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        evals = [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+        firsts.append(evals[0])
+        lasts.append(evals[-1])
+    lines = [f"| metric ({len(run_dirs)} seeds) | before | after | after, [min, max] |",
+             "|---|---|---|---|"]
+    for key, label, fmt in (
+        ("accuracy", "student accuracy, no reference", "{:.1%}"),
+        ("teacher_accuracy", "teacher accuracy, with reference", "{:.1%}"),
+        ("kl_base", "retention KL(tuned || base)", "{:.3f}"),
+        ("retention_ppl", "retention perplexity (base)", "{:.2f}"),
+    ):
+        after = [r[key] for r in lasts]
+        bounds = f"[{fmt.format(min(after))}, {fmt.format(max(after))}]"
+        lines.append(f"| {label} | {_cell(spread([r[key] for r in firsts]), fmt)} | "
+                     f"{_cell(spread(after), fmt)} | {bounds} |")
+    return "\n".join(lines)
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
@@ -409,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with this probability (negative: the facts task's views)")
     p.add_argument("--distractors", type=int, default=0,
                    help="'wrong' variant: other facts' reference lines in the teacher prompt")
+    p.add_argument("--seed-table", nargs="+", metavar="RUN_DIR",
+                   help="only print the before/after table over these unisd-train runs")
     p.add_argument("--workers", type=int, default=2,
                    help="runs at a time, one thread each (0: in this process)")
     return p
@@ -417,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.seed_table:
+        print(seed_table(args.seed_table))
+        return 0
     started = time.perf_counter()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
