@@ -256,10 +256,21 @@ class RecordWriter:
 
 
 def group(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Records by (variant, mode, method): variants and modes in order of appearance, the
+    base first, then the methods in the order of DEFAULT_METHODS (overrides after theirs)."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["variant"], r["mode"], r["method"]), []).append(r)
-    return groups
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+
+    def rank(key):
+        variant, mode, method = key
+        name = method.split("/")[0]
+        order = DEFAULT_METHODS.index(name) if name in DEFAULT_METHODS else len(DEFAULT_METHODS)
+        return variants.index(variant), modes.index(mode), order, method
+
+    return {k: groups[k] for k in sorted(groups, key=rank)}
 
 
 def spread(values: list[float | None]) -> tuple[float, float, int] | None:
@@ -296,7 +307,7 @@ def table(records: list[dict]) -> str:
 def effects(records: list[dict], reference: str = "sd") -> str:
     """Markdown: each method minus ``reference`` on the same (variant, mode, seed), mean ±
     standard deviation of the paired differences."""
-    keys = ("accuracy", "acc_wrong", "copied", "kl_base")
+    keys = ("accuracy", "acc_right", "acc_wrong", "copied", "kl_base")
     by_run = {(r["variant"], r["mode"], r["method"], r["seed"]): r for r in records}
     head = ["variant", "mode", "method", "seeds", *(f"Δ {label}" for k, label, _ in COLUMNS
                                                      if k in keys)]
@@ -379,7 +390,7 @@ def seed_table(run_dirs: list[str]) -> str:
     for key, label, fmt in (
         ("accuracy", "student accuracy, no reference", "{:.1%}"),
         ("teacher_accuracy", "teacher accuracy, with reference", "{:.1%}"),
-        ("kl_base", "retention KL(tuned || base)", "{:.3f}"),
+        ("kl_base", "retention KL(tuned, base)", "{:.3f}"),
         ("retention_ppl", "retention perplexity (base)", "{:.2f}"),
     ):
         after = [r[key] for r in lasts]
