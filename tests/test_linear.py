@@ -248,7 +248,8 @@ def _chunk_call(case, cfg, chunk_bytes, trainable):
     B, T, H = hs.shape
     shared = wt is ws and case["teacher_bias"] is case["student_bias"]
     call = linear_chunks.LinearCall(
-        backend=linear_op.torch_backend, config=cfg, logit_map=linear_chunks.LogitMap(),
+        backend=linear_op.torch_backend.default_backend(), config=cfg,
+        logit_map=linear_chunks.LogitMap(),
         student_head=linear_chunks.Head(ws, case["student_bias"]),
         teacher_head=linear_chunks.Head(wt, case["teacher_bias"]), shared=shared,
         student_rows=hs.reshape(B * T, H), teacher_rows=ht.reshape(B * T, -1),

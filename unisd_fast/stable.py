@@ -13,6 +13,8 @@ import torch
 EXPM1_SERIES_MAX = 0.5
 LOG1P_SERIES_MAX = 0.25
 GRAD_SERIES_MAX = 0.5
+# shifted_kl's log1p(w) is trusted for w = E_p[e^x] - 1 >= NEAR_MIN.
+NEAR_MIN = -0.5
 
 # 1/2!, 1/3!, ..., 1/9!: e^x - 1 - x = x^2 (1/2! + x/3! + ...), truncation < 3e-9 relative.
 _EXP_COEFFS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880)
@@ -52,9 +54,9 @@ def shifted_kl(p, x, log_pe):
     used where |x| is large so that nothing overflows. With a = E_p[x] and
     b = E_p[e^x - 1 - x] >= 0: L = log1p(a + b) and D = b + (log1p(a + b) - (a + b)), two
     terms with no cancellation when a + b is small; for |a + b| >= 0.25 D = L - a directly.
-    ``near`` marks the rows with |a + b| < 0.25. Elsewhere L = log1p(a + b) loses digits when
-    E_p[e^x] is far below 1 (a shift far from the p-mean of the log-ratio): a caller whose
-    shift is not that mean uses the textbook form on those rows, where D is not small.
+    ``near`` marks the rows with E_p[e^x] = 1 + a + b >= 1/2. Below, L = log1p(a + b) loses
+    digits (a shift far above the p-mean of the log-ratio): a caller whose shift is not that
+    mean uses the textbook form on those rows, where D is not small.
     """
     a = (p * x).sum(-1)
     small = x.abs() < EXPM1_SERIES_MAX
@@ -63,9 +65,8 @@ def shifted_kl(p, x, log_pe):
     b = term.sum(-1)
     w = a + b
     lg = torch.log1p(w)
-    near = w.abs() < LOG1P_SERIES_MAX
-    d = torch.where(near, b + log1p_minus_w(w), lg - a)
-    return d, lg, near
+    d = torch.where(w.abs() < LOG1P_SERIES_MAX, b + log1p_minus_w(w), lg - a)
+    return d, lg, w >= NEAR_MIN
 
 
 def log1p_alpha_expm1(r, log_a, log_1ma):

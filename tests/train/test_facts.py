@@ -173,7 +173,7 @@ def test_bare_command_config_file_and_run_are_the_same_job(tmp_path, monkeypatch
 
     bare = parse_args([])
     assert bare == parse_args(["--config", str(DEFAULT_CONFIG)]) == load_config(DEFAULT_CONFIG)
-    assert (bare.data, bare.lr, bare.lora_r, bare.max_steps) == ("builtin:facts", 2e-3, 0, 250)
+    assert (bare.data, bare.lr, bare.lora_r, bare.max_steps) == ("builtin:facts", 2e-3, 0, 400)
     monkeypatch.setattr(facts, "pretrain_config", lambda cfg: SMALL_BASE)
     fast = dict(max_steps=1, eval_at_start=False, progress=False, save_final_model=False)
     summary = run(load_config(DEFAULT_CONFIG, output_dir=str(tmp_path), **fast))

@@ -81,8 +81,9 @@ def log1p_minus_w(w):
 
 
 # (D, L, near) from the shifted sums of stable.shifted_kl: a = E_p[x], b = E_p[e^x - 1 - x],
-# L = log1p(a + b), D = b + (log1p(a + b) - (a + b)) for |a + b| < 0.25 (near), else L - a;
-# callers take the textbook sums on rows that are not near (there D is not small).
+# L = log1p(a + b), D = b + (log1p(a + b) - (a + b)) for |a + b| < 0.25, else L - a;
+# near = (a + b >= -0.5): callers take the textbook sums on the other rows, where log1p loses
+# digits (E_p[e^x] far below 1) and D is not small.
 @triton.jit
 def shifted_kl_finish(a, b):
     w = a + b
@@ -90,7 +91,7 @@ def shifted_kl_finish(a, b):
     small = tl.abs(w) < 0.25
     lg = tl.where(small, w + f, tl.log(1.0 + w))
     d = tl.where(small, b + f, lg - a)
-    return d, lg, small
+    return d, lg, w >= -0.5
 
 
 # log((1 - k) + k e^y) and its second-order remainder q = that - k y, accurate for small y
