@@ -27,7 +27,8 @@ from .stable import jsd_remainder, log1p_alpha_expm1, shifted_kl
 
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
-COMPILE_MIN_ELEMENTS = 1 << 18
+COMPILE_MIN_ELEMENTS = 1 << 12
+SCALAR_CACHE_SIZE = 64
 NEG_INF = float("-inf")
 
 
@@ -51,9 +52,11 @@ def _xlogy_terms(p, diff):
 #   jsd: r = lp_T - lp_S = gap - dx; KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a),
 #        KL(p_S||M) = a D_rkl - sum p_S q(r; a), D = a KL(p_T||M) + (1-a) KL(p_S||M).
 # Rows with a one-sided -inf column, whose shifted sums overflow, or whose shifted mean
-# E[e^x] is far from 1 (student far from teacher, D not small) use the textbook forms.
-# Returns (lse_S, lse_T, D, aux, lp_S(y), lp_T(y), lse_S - lse_T).
-def _stats(z, u, y, tau, alpha, divergence: str):
+# E[e^x] is below 1/2 (student far from teacher, D not small) use the textbook forms.
+# Returns the (7, rows) stack of (lse_S, lse_T, D, aux, lp_S(y), lp_T(y), lse_S - lse_T),
+# zero on rows where ``keep`` is False (ignored labels).
+def _stats(z, u, y, keep, tau, alpha, divergence: str):
+    y = torch.where(keep, y, 0).long()
     zf = z.float()
     uf = u.float()
     s = zf / tau
@@ -102,24 +105,28 @@ def _stats(z, u, y, tau, alpha, divergence: str):
     gap = torch.where(ok, gap, classic_gap)
     s_lab = lp_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     t_lab = lp_t.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return lse_s.squeeze(-1), lse_t.squeeze(-1), d, aux, s_lab, t_lab, gap
+    values = torch.stack((lse_s.squeeze(-1), lse_t.squeeze(-1), d, aux, s_lab, t_lab, gap))
+    return torch.where(keep, values, 0.0)
 
 
-def _stats_fkl(z, u, y, tau, alpha):
-    return _stats(z, u, y, tau, alpha, "fkl")
+def _stats_fkl(z, u, y, keep, tau, alpha):
+    return _stats(z, u, y, keep, tau, alpha, "fkl")
 
 
-def _stats_rkl(z, u, y, tau, alpha):
-    return _stats(z, u, y, tau, alpha, "rkl")
+def _stats_rkl(z, u, y, keep, tau, alpha):
+    return _stats(z, u, y, keep, tau, alpha, "rkl")
 
 
-def _stats_jsd(z, u, y, tau, alpha):
-    return _stats(z, u, y, tau, alpha, "jsd")
+def _stats_jsd(z, u, y, keep, tau, alpha):
+    return _stats(z, u, y, keep, tau, alpha, "jsd")
 
 
-# log_softmax(x / tau)[y] of one block; NaN on a row holding +inf, as in the reference.
-def _label_block(x, y, tau):
-    return torch.log_softmax(x.float() / tau, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+# log_softmax(x / tau)[y] of one block, 0 where ``keep`` is False; NaN on a row holding +inf,
+# as in the reference.
+def _label_block(x, y, keep, tau):
+    y = torch.where(keep, y, 0).long()
+    value = torch.log_softmax(x.float() / tau, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, value, 0.0)
 
 
 # Gradient of one block, written into out:
@@ -200,10 +207,6 @@ class Rows:
             self.x[self._index(r0, r1)] = value
 
 
-def _scalar(value: float, like: torch.Tensor):
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
-
-
 class TorchBackend:
     """The CPU ``RowBackend``: per-block passes, compiled per instance.
 
@@ -216,6 +219,7 @@ class TorchBackend:
         if compile is None:
             compile = os.environ.get("UNISD_FAST_COMPILE", "1") != "0"
         self.compiled: dict = {}
+        self.scalars: dict = {}
         if compile:
             try:
                 self.compiled = {fn: torch.compile(fn, backend=compiler)
@@ -252,34 +256,55 @@ class TorchBackend:
             self.compiled = {}
             return fn(*args)
 
+    def _scalar(self, value: float, like: torch.Tensor):
+        """``value`` as a 0-dim float32 tensor on ``like``'s device, made once per value."""
+        key = (value, like.device)
+        out = self.scalars.get(key)
+        if out is None:
+            if len(self.scalars) >= SCALAR_CACHE_SIZE:
+                self.scalars.clear()
+            out = self.scalars[key] = torch.tensor(value, dtype=torch.float32,
+                                                   device=like.device)
+        return out
+
+    def _blocks(self, fn, n: int, vocab: int, out_shape, dtype, device):
+        """Run ``fn(r0, r1)`` over the row ranges: a single block returns its own result,
+        several write into one (..., n) float32 tensor."""
+        ranges = self.row_ranges(n, vocab)
+        if len(ranges) == 1:
+            return fn(0, n)
+        out = torch.empty(out_shape, dtype=dtype, device=device)
+        for r0, r1 in ranges:
+            out[..., r0:r1] = fn(r0, r1)
+        return out
+
     def row_stats(self, z, u, labels, *, divergence: str, tau: float, alpha: float,
                   ignore_index: int) -> RowStats:
         """Per-row (lse_S, lse_T, D, aux, s_y, t_y, lse_S - lse_T), float32 (B, T) each."""
         B, T, V = z.shape
-        outs = torch.zeros((7, B * T), dtype=torch.float32, device=z.device)
         zr, ur, yr = Rows(z), Rows(u), Rows(labels)
-        tau_t, alpha_t = _scalar(tau, z), _scalar(alpha, z)
-        for r0, r1 in self.row_ranges(B * T, V):
+        tau_t, alpha_t = self._scalar(tau, z), self._scalar(alpha, z)
+        stats = STATS[divergence]
+
+        def block(r0, r1):
             y = yr.block(r0, r1)
-            keep = y != ignore_index
-            values = self._run(STATS[divergence], zr.block(r0, r1), ur.block(r0, r1),
-                               torch.where(keep, y, 0).long(), tau_t, alpha_t)
-            outs[:, r0:r1] = torch.where(keep, torch.stack(values), 0.0)
+            return self._run(stats, zr.block(r0, r1), ur.block(r0, r1), y, y != ignore_index,
+                             tau_t, alpha_t)
+
+        outs = self._blocks(block, B * T, V, (7, B * T), torch.float32, z.device)
         return RowStats(*outs.view(7, B, T).unbind(0))
 
     def label_logprob(self, x, labels, *, tau: float, ignore_index: int):
         """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
         B, T, V = x.shape
-        out = torch.zeros(B * T, dtype=torch.float32, device=x.device)
         xr, yr = Rows(x), Rows(labels)
-        tau_t = _scalar(tau, x)
-        for r0, r1 in self.row_ranges(B * T, V):
+        tau_t = self._scalar(tau, x)
+
+        def block(r0, r1):
             y = yr.block(r0, r1)
-            keep = y != ignore_index
-            value = self._run(_label_block, xr.block(r0, r1), torch.where(keep, y, 0).long(),
-                              tau_t)
-            out[r0:r1] = torch.where(keep, value, 0.0)
-        return out.view(B, T)
+            return self._run(_label_block, xr.block(r0, r1), y, y != ignore_index, tau_t)
+
+        return self._blocks(block, B * T, V, (B * T,), torch.float32, x.device).view(B, T)
 
     def write_grad(self, z, u, labels, out, stats: RowStats, ck, cc, *, divergence: str,
                    tau: float, alpha: float) -> None:
@@ -290,12 +315,12 @@ class TorchBackend:
         zr, ur, yr, outr = Rows(z), Rows(u), Rows(labels), Rows(out)
         rows = [t.reshape(-1) for t in (stats.lse_s, stats.lse_t, stats.lse_gap,
                                         stats.divergence, stats.aux, ck, cc)]
-        tau_t, alpha_t = _scalar(tau, z), _scalar(alpha, z)
+        tau_t, alpha_t = self._scalar(tau, z), self._scalar(alpha, z)
         for r0, r1 in self.row_ranges(B * T, V):
             block = outr.flat[r0:r1] if outr.flat is not None else torch.empty(
                 (r1 - r0, V), dtype=out.dtype, device=out.device)
             self._run(GRADS[divergence], block, zr.block(r0, r1), ur.block(r0, r1),
-                      yr.block(r0, r1).long(), *(t[r0:r1] for t in rows), tau_t, alpha_t)
+                      yr.block(r0, r1), *(t[r0:r1] for t in rows), tau_t, alpha_t)
             if outr.flat is None:
                 outr.write(r0, r1, block)
 
