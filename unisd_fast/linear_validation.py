@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .validation import FLOAT_DTYPES, INT_DTYPES
+from .validation import FLOAT_DTYPES, INT_DTYPES, view_list
 
 
 def _tensor(name, x, dtypes, kind):
@@ -51,17 +51,7 @@ def _positive(name, value):
 
 
 def _views(view_hidden, B, T, Ht, device, dtype):
-    if isinstance(view_hidden, torch.Tensor):
-        _tensor("view_hidden", view_hidden, FLOAT_DTYPES, "a floating-point")
-        if view_hidden.dim() != 4:
-            raise ValueError(f"view_hidden must have shape (K, B, T, Ht) = (K, {B}, {T}, {Ht}),"
-                             f" got {tuple(view_hidden.shape)}")
-        views = list(view_hidden.unbind(0))
-    elif isinstance(view_hidden, (list, tuple)):
-        views = list(view_hidden)
-    else:
-        raise TypeError("view_hidden must be a (K, B, T, Ht) tensor or a list of K (B, T, Ht) "
-                        f"tensors, got {type(view_hidden).__name__}")
+    views = view_list("view_hidden", view_hidden, B, T, Ht, "Ht")
     for k, v in enumerate(views):
         _check(f"view_hidden[{k}]", v, (B, T, Ht), "(B, T, Ht)", device, dtype,
                "teacher_weight")

@@ -113,18 +113,23 @@ def _one_of(first, second, first_x, second_x, needed_for):
         raise ValueError(f"{needed_for} needs {first} or {second}")
 
 
+def view_list(name, views, B, T, last, last_name):
+    """``views`` as a list: a (K, B, T, last) tensor or a list of K (B, T, last) tensors;
+    errors name ``name`` and the expected shape. Each view is checked by the caller."""
+    if isinstance(views, torch.Tensor):
+        _tensor(name, views, FLOAT_DTYPES, "a floating-point")
+        if views.dim() != 4:
+            raise ValueError(f"{name} must have shape (K, B, T, {last_name}) = "
+                             f"(K, {B}, {T}, {last}), got {tuple(views.shape)}")
+        return list(views.unbind(0))
+    if isinstance(views, (list, tuple)):
+        return list(views)
+    raise TypeError(f"{name} must be a (K, B, T, {last_name}) tensor or a list of K "
+                    f"(B, T, {last_name}) tensors, got {type(views).__name__}")
+
+
 def _views(view_logits, B, T, V, device):
-    if isinstance(view_logits, torch.Tensor):
-        _tensor("view_logits", view_logits, FLOAT_DTYPES, "a floating-point")
-        if view_logits.dim() != 4:
-            raise ValueError(f"view_logits must have shape (K, B, T, V) = (K, {B}, {T}, {V}),"
-                             f" got {tuple(view_logits.shape)}")
-        views = list(view_logits.unbind(0))
-    elif isinstance(view_logits, (list, tuple)):
-        views = list(view_logits)
-    else:
-        raise TypeError("view_logits must be a (K, B, T, V) tensor or a list of K (B, T, V) "
-                        f"tensors, got {type(view_logits).__name__}")
+    views = view_list("view_logits", view_logits, B, T, V, "V")
     for k, v in enumerate(views):
         _float_input(f"view_logits[{k}]", v, (B, T, V), "(B, T, V)", device)
     return views
