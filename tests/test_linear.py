@@ -320,6 +320,14 @@ def test_errors(change, error, match):
         usd.unisd_linear_loss(**args)
 
 
+@pytest.mark.parametrize("n", [float("nan"), float("inf"), torch.tensor(0.0),
+                               torch.tensor(-5.0), torch.tensor(float("nan"))])
+def test_num_items_in_batch_must_be_finite_and_positive(n):
+    args = {**_valid(), "config": usd.UniSDConfig(normalize="token"), "num_items_in_batch": n}
+    with pytest.raises(ValueError, match=r"num_items_in_batch must be > 0 and finite"):
+        usd.unisd_linear_loss(**args)
+
+
 def test_feature_term_needs_equal_hidden_sizes():
     case = make_case(B=2, T=3, H=4, Ht=6, V=11, shared=False)
     with pytest.raises(ValueError, match=r"feature_weight > 0 needs teacher_hidden with the "

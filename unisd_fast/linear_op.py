@@ -16,6 +16,7 @@ import torch
 from . import torch_backend
 from .config import UniSDConfig
 from .linear_chunks import Head, LinearCall, LogitMap, linear_loss
+from .validation import check_labels, check_num_items
 
 # The config travels as one typed argument per UniSDConfig field (the op schema allows no
 # Python objects). Field annotations are strings (postponed evaluation).
@@ -53,13 +54,6 @@ def _backend(name: str):
     return torch_backend.default_backend()
 
 
-def _check_labels(labels, V: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; "
-                         f"found {labels[bad][0].item()}")
-
-
 @torch.library.custom_op("unisd_fast::linear_loss", mutates_args=(), schema=SCHEMA)
 def linear_loss_op(*args):
     (hs, ws, bs, ht, wt, bt, labels, views, view_lp, neg, neg_lp, items_t,
@@ -68,7 +62,9 @@ def linear_loss_op(*args):
     cfg = UniSDConfig(**dict(zip(CONFIG_FIELDS, args[N_TENSOR_ARGS + N_OTHER_ARGS:],
                                      strict=True)))
     V = ws.shape[0]
-    _check_labels(labels, V, cfg.ignore_index)
+    check_labels(labels, V, cfg.ignore_index)
+    if items_t is not None:
+        check_num_items(items_t, items_t.device)
     B, T, H = hs.shape
     N = B * T
     call = LinearCall(

@@ -1,7 +1,8 @@
 """Input checks of ``unisd_linear_loss``: every error names the argument and what was expected.
 
 Only shapes, dtypes, devices and Python values are checked here (nothing that reads tensor
-data, so a compiled caller's graph does not break); the label range is checked by the op.
+data, so a compiled caller's graph does not break); the label range and the value of a
+tensor ``num_items_in_batch`` are checked inside the op.
 """
 
 from __future__ import annotations
@@ -10,20 +11,19 @@ import math
 
 import torch
 
-from .validation import FLOAT_DTYPES, INT_DTYPES, view_list
-
-
-def _tensor(name, x, dtypes, kind):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{name} must be {kind} tensor ({', '.join(map(str, dtypes))}), "
-                        f"got {x.dtype}")
+from .validation import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    check_num_items,
+    check_one_of,
+    check_tensor,
+    view_list,
+)
 
 
 def _check(name, x, shape, what, device, dtype=None, dtype_of=None):
     """x is a tensor of ``shape`` on ``device`` (and of ``dtype``, that of ``dtype_of``)."""
-    _tensor(name, x, FLOAT_DTYPES, "a floating-point")
+    check_tensor(name, x, FLOAT_DTYPES, "a floating-point")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got "
                          f"{tuple(x.shape)}")
@@ -31,13 +31,6 @@ def _check(name, x, shape, what, device, dtype=None, dtype_of=None):
         raise ValueError(f"{name} is on {x.device} but student_hidden is on {device}")
     if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name} must have the dtype of {dtype_of} ({dtype}), got {x.dtype}")
-
-
-def _one_of(first, second, first_x, second_x, needed_for):
-    if first_x is not None and second_x is not None:
-        raise ValueError(f"give either {first} or {second}, not both")
-    if first_x is None and second_x is None:
-        raise ValueError(f"{needed_for} needs {first} or {second}")
 
 
 def _positive(name, value):
@@ -70,12 +63,8 @@ def _num_items(num_items_in_batch, cfg, device):
         if num_items_in_batch.device != device:
             raise ValueError(f"num_items_in_batch is on {num_items_in_batch.device} but "
                              f"student_hidden is on {device}")
-    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch,
-                                                                (int, float)):
-        raise TypeError("num_items_in_batch must be a number or a scalar tensor, got "
-                        f"{type(num_items_in_batch).__name__}")
-    elif num_items_in_batch <= 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    else:
+        check_num_items(num_items_in_batch, device)
 
 
 def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -84,19 +73,19 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
                            num_items_in_batch, chunk_bytes):
     """Check every input of ``unisd_linear_loss`` against the config. Returns the views as a
     list (or None), the soft-cap and the scale as floats (or None)."""
-    _tensor("student_hidden", student_hidden, FLOAT_DTYPES, "a floating-point")
+    check_tensor("student_hidden", student_hidden, FLOAT_DTYPES, "a floating-point")
     if student_hidden.dim() != 3 or min(student_hidden.shape) == 0:
         raise ValueError("student_hidden must have shape (B, T, H) with no empty dimension, "
                          f"got {tuple(student_hidden.shape)}")
     B, T, H = student_hidden.shape
     device, dtype = student_hidden.device, student_hidden.dtype
-    _tensor("student_weight", student_weight, FLOAT_DTYPES, "a floating-point")
+    check_tensor("student_weight", student_weight, FLOAT_DTYPES, "a floating-point")
     if student_weight.dim() != 2 or student_weight.shape[0] == 0:
         raise ValueError(f"student_weight must have shape (V, H) = (V, {H}), got "
                          f"{tuple(student_weight.shape)}")
     V = student_weight.shape[0]
     _check("student_weight", student_weight, (V, H), "(V, H)", device, dtype, "student_hidden")
-    _tensor("teacher_hidden", teacher_hidden, FLOAT_DTYPES, "a floating-point")
+    check_tensor("teacher_hidden", teacher_hidden, FLOAT_DTYPES, "a floating-point")
     if teacher_hidden.dim() != 3 or teacher_hidden.shape[-1] == 0:
         raise ValueError(f"teacher_hidden must have shape (B, T, Ht) = ({B}, {T}, Ht), got "
                          f"{tuple(teacher_hidden.shape)}")
@@ -109,7 +98,7 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
     if teacher_bias is not None:
         _check("teacher_bias", teacher_bias, (V,), "(V,)", device, teacher_weight.dtype,
                "teacher_weight")
-    _tensor("labels", labels, INT_DTYPES, "an integer")
+    check_tensor("labels", labels, INT_DTYPES, "an integer")
     if tuple(labels.shape) != (B, T):
         raise ValueError(f"labels must have shape (B, T) = {(B, T)}, got {tuple(labels.shape)}")
     if labels.device != device:
@@ -117,20 +106,20 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
 
     views = None
     if cfg.agreement != "none":
-        _one_of("view_hidden", "view_logprobs", view_hidden, view_logprobs,
+        check_one_of("view_hidden", "view_logprobs", view_hidden, view_logprobs,
                 f"agreement={cfg.agreement!r}")
         if view_hidden is not None:
             views = _views(view_hidden, B, T, Ht, device, teacher_weight.dtype)
             K = len(views)
         else:
-            _tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
+            check_tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
             K = view_logprobs.shape[0] if view_logprobs.dim() == 3 else 0
             _check("view_logprobs", view_logprobs, (K, B, T), "(K, B, T)", device)
         if K < 2:
             raise ValueError(f"agreement={cfg.agreement!r} needs K >= 2 teacher views, got "
                              f"K={K}")
     if cfg.contrastive_weight > 0:
-        _one_of("negative_hidden", "negative_logprobs", negative_hidden, negative_logprobs,
+        check_one_of("negative_hidden", "negative_logprobs", negative_hidden, negative_logprobs,
                 "contrastive_weight > 0")
         if negative_hidden is not None:
             _check("negative_hidden", negative_hidden, (B, T, Ht), "(B, T, Ht)", device,

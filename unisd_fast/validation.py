@@ -17,7 +17,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _tensor(name, x, dtypes, kind):
+def check_tensor(name, x, dtypes, kind):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
@@ -37,7 +37,7 @@ def _device(name, x, device):
 
 
 def _float_input(name, x, expected, what, device):
-    _tensor(name, x, FLOAT_DTYPES, "a floating-point")
+    check_tensor(name, x, FLOAT_DTYPES, "a floating-point")
     _shape(name, x, expected, what)
     _device(name, x, device)
 
@@ -58,13 +58,14 @@ def _require(ok: torch.Tensor, message: str, found=None) -> None:
         raise ValueError(message if found is None else f"{message}; found {found()}")
 
 
-def _labels(labels, V, ignore_index):
+def check_labels(labels, V, ignore_index):
+    """Every label in [0, V) or equal to ignore_index (a device-side assert on CUDA)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     _require(~bad.any(), f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}",
              lambda: labels[bad][0].item())
 
 
-def _num_items(n, device):
+def check_num_items(n, device):
     """num_items_in_batch: a finite number > 0, or a one-element tensor holding one."""
     if isinstance(n, torch.Tensor):
         if n.dtype == torch.bool or n.is_complex():
@@ -106,7 +107,7 @@ def validate_inplace(student_logits) -> None:
         )
 
 
-def _one_of(first, second, first_x, second_x, needed_for):
+def check_one_of(first, second, first_x, second_x, needed_for):
     if first_x is not None and second_x is not None:
         raise ValueError(f"give either {first} or {second}, not both")
     if first_x is None and second_x is None:
@@ -117,7 +118,7 @@ def view_list(name, views, B, T, last, last_name):
     """``views`` as a list: a (K, B, T, last) tensor or a list of K (B, T, last) tensors;
     errors name ``name`` and the expected shape. Each view is checked by the caller."""
     if isinstance(views, torch.Tensor):
-        _tensor(name, views, FLOAT_DTYPES, "a floating-point")
+        check_tensor(name, views, FLOAT_DTYPES, "a floating-point")
         if views.dim() != 4:
             raise ValueError(f"{name} must have shape (K, B, T, {last_name}) = "
                              f"(K, {B}, {T}, {last}), got {tuple(views.shape)}")
@@ -139,27 +140,27 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
                     num_items_in_batch):
     """Check every input against the config; returns the views as a list (or None)."""
-    _tensor("student_logits", student_logits, FLOAT_DTYPES, "a floating-point")
+    check_tensor("student_logits", student_logits, FLOAT_DTYPES, "a floating-point")
     if student_logits.dim() != 3 or min(student_logits.shape) == 0:
         raise ValueError("student_logits must have shape (B, T, V) with no empty dimension, "
                          f"got {tuple(student_logits.shape)}")
     B, T, V = student_logits.shape
     device = student_logits.device
     _float_input("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)", device)
-    _tensor("labels", labels, INT_DTYPES, "an integer")
+    check_tensor("labels", labels, INT_DTYPES, "an integer")
     _shape("labels", labels, (B, T), "(B, T)")
     _device("labels", labels, device)
-    _labels(labels, V, cfg.ignore_index)
+    check_labels(labels, V, cfg.ignore_index)
 
     views = None
     if cfg.agreement != "none":
-        _one_of("view_logits", "view_logprobs", view_logits, view_logprobs,
+        check_one_of("view_logits", "view_logprobs", view_logits, view_logprobs,
                 f"agreement={cfg.agreement!r}")
         if view_logits is not None:
             views = _views(view_logits, B, T, V, device)
             K = len(views)
         else:
-            _tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
+            check_tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
             if view_logprobs.dim() != 3:
                 raise ValueError(f"view_logprobs must have shape (K, B, T) = (K, {B}, {T}), "
                                  f"got {tuple(view_logprobs.shape)}")
@@ -170,7 +171,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
                              f"K={K}")
 
     if cfg.contrastive_weight > 0:
-        _one_of("negative_logits", "negative_logprobs", negative_logits, negative_logprobs,
+        check_one_of("negative_logits", "negative_logprobs", negative_logits, negative_logprobs,
                 "contrastive_weight > 0")
         if negative_logits is not None:
             _float_input("negative_logits", negative_logits, (B, T, V), "(B, T, V)", device)
@@ -181,7 +182,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("feature_weight > 0 needs student_hidden and teacher_hidden "
                              "(B, T, H)")
-        _tensor("student_hidden", student_hidden, FLOAT_DTYPES, "a floating-point")
+        check_tensor("student_hidden", student_hidden, FLOAT_DTYPES, "a floating-point")
         if student_hidden.dim() != 3 or student_hidden.shape[-1] == 0:
             raise ValueError(f"student_hidden must have shape (B, T, H) = ({B}, {T}, H), "
                              f"got {tuple(student_hidden.shape)}")
@@ -192,5 +193,5 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
     if num_items_in_batch is not None:
         if cfg.normalize != "token":
             raise ValueError("num_items_in_batch is only accepted with normalize='token'")
-        _num_items(num_items_in_batch, device)
+        check_num_items(num_items_in_batch, device)
     return views
