@@ -29,11 +29,11 @@ def _horner(x, coeffs):
     return acc
 
 
-def expm1_minus_x(x):
-    """e^x - 1 - x with full relative accuracy (a series for |x| < 0.5)."""
-    small = x.abs() < EXPM1_SERIES_MAX
-    xs = torch.where(small, x, 0.0)
-    return torch.where(small, xs * xs * _horner(xs, _EXP_COEFFS), torch.expm1(x) - x)
+def expm1_minus_x_series(x):
+    """e^x - 1 - x by its series: full relative accuracy for |x| < 0.5 only. Callers mask
+    larger |x| away. (Near 0 this also stands in for ``torch.expm1``, which torch.compile's
+    CPU code forms as exp(x) - 1 and so loses the digits there.)"""
+    return x * x * _horner(x, _EXP_COEFFS)
 
 
 def log1p_minus_w(w):
@@ -60,7 +60,7 @@ def shifted_kl(p, x, log_pe):
     """
     a = (p * x).sum(-1)
     small = x.abs() < EXPM1_SERIES_MAX
-    term = torch.where(small, p * expm1_minus_x(torch.where(small, x, 0.0)),
+    term = torch.where(small, p * expm1_minus_x_series(torch.where(small, x, 0.0)),
                        torch.exp(log_pe) - p - p * x)
     b = term.sum(-1)
     w = a + b
@@ -73,7 +73,8 @@ def log1p_alpha_expm1(r, log_a, log_1ma):
     """log((1 - a) + a e^r) = log1p(a expm1(r)), accurate for small r and finite for large."""
     small = r.abs() < EXPM1_SERIES_MAX
     a = torch.exp(log_a)
-    near = torch.log1p(a * torch.expm1(torch.where(small, r, 0.0)))
+    rs = torch.where(small, r, 0.0)
+    near = torch.log1p(a * (rs + expm1_minus_x_series(rs)))
     far = torch.logaddexp(log_1ma.expand_as(r), log_a + r)
     return torch.where(small, near, far)
 
@@ -84,7 +85,7 @@ def jsd_remainder(r, log_a, log_1ma):
     small = r.abs() < LOG1P_SERIES_MAX
     rs = torch.where(small, r, 0.0)
     a = torch.exp(log_a)
-    g = expm1_minus_x(rs)
+    g = expm1_minus_x_series(rs)
     near = a * g + log1p_minus_w(a * (rs + g))
     far = log1p_alpha_expm1(r, log_a, log_1ma) - a * r
     return torch.where(small, near, far)

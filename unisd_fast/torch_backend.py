@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from .backend import RowStats
-from .stable import jsd_remainder, log1p_alpha_expm1, shifted_kl
+from .stable import expm1_minus_x_series, jsd_remainder, log1p_alpha_expm1, shifted_kl
 
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
@@ -148,7 +148,8 @@ def _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergenc
     r = torch.where(one, lp_t - lp_s, r)
     if divergence == "fkl":
         near = r.abs() < 0.5
-        g_div = torch.where(near, p_t * torch.expm1(-torch.where(near, r, 0.0)), p_s - p_t)
+        e = -torch.where(near, r, 0.0)
+        g_div = torch.where(near, p_t * (e + expm1_minus_x_series(e)), p_s - p_t)
     elif divergence == "rkl":
         g_div = _xlogy_terms(p_s, -r - d.unsqueeze(-1))
     else:
