@@ -174,9 +174,46 @@ def _grad_jsd(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
     _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "jsd")
 
 
+# The gradient written over z itself (inplace_backward, the fused-linear chunks) or over u
+# (the fused-linear chunks with a soft-cap). Separate functions, so that a compiled graph is
+# never handed one tensor twice, once mutated: torch.compile turns such aliased inputs into
+# a "synthetic base" whose cached graphs fail when the base's size changes between processes.
+def _grad_into_z_fkl(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(z, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "fkl")
+
+
+def _grad_into_z_rkl(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(z, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "rkl")
+
+
+def _grad_into_z_jsd(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(z, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "jsd")
+
+
+def _grad_into_u_fkl(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(u, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "fkl")
+
+
+def _grad_into_u_rkl(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(u, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "rkl")
+
+
+def _grad_into_u_jsd(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
+    _grad(u, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, "jsd")
+
+
 STATS = {"fkl": _stats_fkl, "rkl": _stats_rkl, "jsd": _stats_jsd}
 GRADS = {"fkl": _grad_fkl, "rkl": _grad_rkl, "jsd": _grad_jsd}
-BLOCK_FUNCTIONS = (*STATS.values(), *GRADS.values(), _label_block)
+GRADS_INTO_Z = {"fkl": _grad_into_z_fkl, "rkl": _grad_into_z_rkl, "jsd": _grad_into_z_jsd}
+GRADS_INTO_U = {"fkl": _grad_into_u_fkl, "rkl": _grad_into_u_rkl, "jsd": _grad_into_u_jsd}
+BLOCK_FUNCTIONS = (*STATS.values(), *GRADS.values(), *GRADS_INTO_Z.values(),
+                   *GRADS_INTO_U.values(), _label_block)
+
+
+def _same_view(a, b) -> bool:
+    """Whether a and b are the same elements of the same memory."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
 
 
 class Rows:
@@ -242,8 +279,7 @@ class TorchBackend:
         """fn on 2-D row blocks, compiled with a dynamic row count where possible. Blocks
         under COMPILE_MIN_ELEMENTS run eagerly: there compiling costs more than it saves."""
         compiled = self.compiled.get(fn)
-        block = args[0] if fn not in GRADS.values() else args[1]
-        if compiled is None or block.numel() < COMPILE_MIN_ELEMENTS:
+        if compiled is None or args[0].numel() < COMPILE_MIN_ELEMENTS:
             return fn(*args)
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() > 0:
@@ -320,8 +356,14 @@ class TorchBackend:
         for r0, r1 in self.row_ranges(B * T, V):
             block = outr.flat[r0:r1] if outr.flat is not None else torch.empty(
                 (r1 - r0, V), dtype=out.dtype, device=out.device)
-            self._run(GRADS[divergence], block, zr.block(r0, r1), ur.block(r0, r1),
-                      yr.block(r0, r1), *(t[r0:r1] for t in rows), tau_t, alpha_t)
+            zb, ub = zr.block(r0, r1), ur.block(r0, r1)
+            rest = (yr.block(r0, r1), *(t[r0:r1] for t in rows), tau_t, alpha_t)
+            if _same_view(block, zb):
+                self._run(GRADS_INTO_Z[divergence], zb, ub, *rest)
+            elif _same_view(block, ub):
+                self._run(GRADS_INTO_U[divergence], zb, ub, *rest)
+            else:
+                self._run(GRADS[divergence], block, zb, ub, *rest)
             if outr.flat is None:
                 outr.write(r0, r1, block)
 
