@@ -5,7 +5,8 @@ chunks) or over the teacher's (fused-linear with a soft-cap). Handing a compiled
 tensor as both a read input and the mutated output made torch.compile build a "synthetic
 base" of the chunk buffer, and a graph cached by a process with another chunk size then
 failed its size assertion: the backend fell back to eager for good (2x slower, 3x memory in
-the fused-linear benchmark). Two processes with different chunk sizes; our fall-back warning is an error."""
+the fused-linear benchmark). Two processes with different chunk sizes; our fall-back
+warning is an error."""
 
 import os
 import subprocess

@@ -56,17 +56,19 @@ def shifted_kl(p, x, log_pe):
     terms with no cancellation when a + b is small; for |a + b| >= 0.25 D = L - a directly.
     ``near`` marks the rows with E_p[e^x] = 1 + a + b >= 1/2. Below, L = log1p(a + b) loses
     digits (a shift far above the p-mean of the log-ratio): a caller whose shift is not that
-    mean uses the textbook form on those rows, where D is not small.
+    mean uses the textbook form on those rows, where D is not small. The sums accumulate in
+    float64 (float32 over 32k terms drifts by several ulps once compiled).
     """
-    a = (p * x).sum(-1)
+    acc = torch.float64
+    a = (p * x).sum(-1, dtype=acc)
     small = x.abs() < EXPM1_SERIES_MAX
     term = torch.where(small, p * expm1_minus_x_series(torch.where(small, x, 0.0)),
                        torch.exp(log_pe) - p - p * x)
-    b = term.sum(-1)
+    b = term.sum(-1, dtype=acc)
     w = a + b
     lg = torch.log1p(w)
     d = torch.where(w.abs() < LOG1P_SERIES_MAX, b + log1p_minus_w(w), lg - a)
-    return d, lg, w >= NEAR_MIN
+    return d.to(p.dtype), lg.to(p.dtype), w >= NEAR_MIN
 
 
 def log1p_alpha_expm1(r, log_a, log_1ma):

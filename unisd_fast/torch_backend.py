@@ -40,6 +40,22 @@ def _columns(zf, uf):
     return z_inf & u_inf, z_inf ^ u_inf
 
 
+def _logsumexp(x):
+    """log sum exp(x) over the last dimension (kept), the sum accumulated in float64:
+    compiled, a float32 accumulation over 32k columns is off by several ulps, and every
+    probability exp(x - lse) inherits that relative error (eager torch.logsumexp is exact)."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m.isfinite(), m, 0.0)
+    total = torch.exp(x - m).sum(-1, keepdim=True, dtype=torch.float64)
+    return (m.double() + total.log()).to(x.dtype)
+
+
+def _xlogy_sum(p, diff):
+    """sum of p * diff over the last dimension, with 0 where p == 0 (0 log 0 = 0),
+    accumulated in float64 (see _logsumexp)."""
+    return torch.where(p == 0, 0.0, p * diff).sum(-1, dtype=torch.float64).to(p.dtype)
+
+
 def _xlogy_terms(p, diff):
     """p * diff with 0 where p == 0 (0 log 0 = 0)."""
     return torch.where(p == 0, 0.0, p * diff)
@@ -62,8 +78,8 @@ def _stats(z, u, y, keep, tau, alpha, divergence: str):
     s = zf / tau
     t = uf / tau
     both, one = _columns(zf, uf)
-    lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
-    lse_t = torch.logsumexp(t, dim=-1, keepdim=True)
+    lse_s = _logsumexp(s)
+    lse_t = _logsumexp(t)
     lp_s = s - lse_s
     lp_t = t - lse_t
     p_s = lp_s.exp()
@@ -79,7 +95,7 @@ def _stats(z, u, y, keep, tau, alpha, divergence: str):
         d_r, lg, near = shifted_kl(p_s, -x, t + mu - lse_s)
         ok = ok & near & d_r.isfinite()
         gap = (mu.squeeze(-1) - lg)
-        classic = _xlogy_terms(p_s, lp_s - lp_t).sum(-1)
+        classic = _xlogy_sum(p_s, lp_s - lp_t)
         d = torch.where(ok, d_r, classic)
         aux = zeros
     else:
@@ -87,7 +103,7 @@ def _stats(z, u, y, keep, tau, alpha, divergence: str):
         ok = ok & near & d_f.isfinite()
         gap = lg + mu.squeeze(-1)
         if divergence == "fkl":
-            d = torch.where(ok, d_f, _xlogy_terms(p_t, lp_t - lp_s).sum(-1))
+            d = torch.where(ok, d_f, _xlogy_sum(p_t, lp_t - lp_s))
             aux = zeros
         else:
             d_r, _, near = shifted_kl(p_s, -x, t + mu - lse_s)
@@ -95,11 +111,11 @@ def _stats(z, u, y, keep, tau, alpha, divergence: str):
             log_a = torch.log(alpha)
             log_1ma = torch.log1p(-alpha)
             r = torch.where(ok, gap, classic_gap).unsqueeze(-1) - dx
-            kl_tm = (1 - alpha) * d_f - _xlogy_terms(p_t, jsd_remainder(-r, log_1ma, log_a)).sum(-1)
-            kl_sm = alpha * d_r - _xlogy_terms(p_s, jsd_remainder(r, log_a, log_1ma)).sum(-1)
+            kl_tm = (1 - alpha) * d_f - _xlogy_sum(p_t, jsd_remainder(-r, log_1ma, log_a))
+            kl_sm = alpha * d_r - _xlogy_sum(p_s, jsd_remainder(r, log_a, log_1ma))
             log_m = torch.logaddexp(lp_s + log_1ma, lp_t + log_a)
-            kl_tm = torch.where(ok, kl_tm, _xlogy_terms(p_t, lp_t - log_m).sum(-1))
-            kl_sm = torch.where(ok, kl_sm, _xlogy_terms(p_s, lp_s - log_m).sum(-1))
+            kl_tm = torch.where(ok, kl_tm, _xlogy_sum(p_t, lp_t - log_m))
+            kl_sm = torch.where(ok, kl_sm, _xlogy_sum(p_s, lp_s - log_m))
             d = alpha * kl_tm + (1 - alpha) * kl_sm
             aux = kl_sm
     gap = torch.where(ok, gap, classic_gap)
