@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh            # results under $OUT (or ./gpu_out when unset)
 #
 # 1. the test suite on the compiled Triton path (no TRITON_INTERPRET): pytest -m "gpu or not slow"
-# 2. issue 3's comparison: V=151936, 8192 tokens, bf16, presets unisd_star and sd, every
+# 2. the headline comparison: V=151936, 8192 tokens, bf16, presets unisd_star and sd, every
 #    provider, torch.compile with static shapes (the strongest baseline), all modes
 # 3. the GPU sweep: bf16, V in 32000,128256,151936, tokens 1024,4096,8192,16384, presets
 #    unisd_star and sd, providers eager, compile-dynamic (one compilation for every shape,
@@ -12,11 +12,11 @@
 #    cases that do not fit are reported as oom, those left when the time budget runs out
 #    as skipped
 # 4. the pytest-benchmark suite at one shape, writing its JSON
-# 5. issue 12's fused-linear case: hidden states in, N = 8192 tokens (B 4 x T 2048), H = 3584,
+# 5. the fused-linear case: hidden states in, N = 8192 tokens (B 4 x T 2048), H = 3584,
 #    V = 152064, bf16, presets sd and unisd_star, frozen and trainable head: materialise-eager,
 #    materialise-unisd, unisd_linear_loss and Liger's fused-linear JSD (python -m
 #    benchmarks.linear; table_linear.md)
-# 6. the forward+backward tables, issue 3's printed last
+# 6. the forward+backward tables, the headline comparison's printed last
 #
 # The machine has no network. It needs python3 with torch, triton, pytest, pytest-benchmark,
 # matplotlib and tqdm (the lent image has them). The package runs from this tree through
@@ -32,7 +32,7 @@ OUT=${OUT:-$ROOT/gpu_out}
 WORK=$(mktemp -d /tmp/unisd-gpu.XXXXXX)
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-140}      # seconds for the test suite
-T_HEAD=${T_HEAD:-130}        # seconds for issue 3's comparison
+T_HEAD=${T_HEAD:-130}        # seconds for the headline comparison
 T_SWEEP=${T_SWEEP:-140}      # sweep time budget (cases not started by then are skipped)
 T_SWEEP_KILL=${T_SWEEP_KILL:-190}
 T_PYBENCH=${T_PYBENCH:-40}
@@ -87,10 +87,10 @@ timeout "$T_TESTS" "$PY" -m pytest "${TESTS[@]}" -q --maxfail=10 -p no:cacheprov
 echo "pytest exit code $? (124 = timed out); end of pytest_gpu.log:"
 tail -n 15 "$OUT/pytest_gpu.log"
 
-step "issue 3: V=151936, 8192 tokens, static torch.compile (timeout ${T_HEAD}s)"
+step "headline: V=151936, 8192 tokens, static torch.compile (timeout ${T_HEAD}s)"
 timeout "$T_HEAD" "$PY" -m benchmarks --device "$DEVICE" --presets unisd_star,sd \
   --providers "$HEAD_PROVIDERS" "${HEAD[@]}" --time-budget $((T_HEAD - 40)) \
-  --out "$WORK/issue3" > "$WORK/issue3.log" 2>&1
+  --out "$WORK/headline" > "$WORK/headline.log" 2>&1
 echo "exit code $?"
 
 step "GPU sweep (budget ${T_SWEEP}s)"
@@ -106,7 +106,7 @@ timeout "$T_PYBENCH" "$PY" -m pytest benchmarks -q -p no:cacheprovider "${PYBENC
   > "$WORK/pytest_benchmark.log" 2>&1
 echo "exit code $?"
 
-step "issue 12: fused-linear, N=8192 H=3584 V=152064 bf16 (timeout ${T_LINEAR}s)"
+step "fused-linear, N=8192 H=3584 V=152064 bf16 (timeout ${T_LINEAR}s)"
 timeout "$T_LINEAR" "$PY" -m benchmarks.linear --device "$DEVICE" --presets sd,unisd_star \
   --heads frozen,trainable "${LINEAR[@]}" --out "$WORK/linear" > "$WORK/linear.log" 2>&1
 echo "exit code $?"
@@ -119,7 +119,7 @@ else
 fi
 
 tar -czf "$OUT/gpu_results.tar.gz" -C "$WORK" . 2>/dev/null
-for run in sweep issue3; do
+for run in sweep headline; do
   step "$run: forward+backward (all modes in table_$run.md)"
   if [ -f "$WORK/$run/results.csv" ]; then
     cp "$WORK/$run/results.csv" "$OUT/results_$run.csv"
