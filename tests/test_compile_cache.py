@@ -8,14 +8,11 @@ failed its size assertion: the backend fell back to eager for good (2x slower, 3
 the fused-linear benchmark). Two processes with different chunk sizes; our fall-back
 warning is an error."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from compiled_process import run_compiled
 
 SCRIPT = textwrap.dedent("""
     import sys, warnings
@@ -51,11 +48,6 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_two_processes_with_other_chunk_sizes_stay_compiled(tmp_path):
-    env = {**os.environ, "UNISD_FAST_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    env.pop("TRITON_INTERPRET", None)
     for rows in (8, 4):
-        done = subprocess.run([sys.executable, "-c", SCRIPT, str(rows)],
-                              cwd=Path(__file__).parent, env=env, capture_output=True,
-                              text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert f"compiled ok {rows}" in done.stdout
+        stdout = run_compiled(SCRIPT, str(rows), TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+        assert f"compiled ok {rows}" in stdout

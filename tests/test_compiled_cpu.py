@@ -1,14 +1,11 @@
 """The compiled CPU path (torch.compile of the per-block passes), in a fresh interpreter so
 that UNISD_FAST_COMPILE=1 takes effect, against the float64 reference."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from compiled_process import run_compiled
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -56,9 +53,4 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_compiled_cpu_path_matches_reference():
-    env = {**os.environ, "UNISD_FAST_COMPILE": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled ok" in done.stdout
+    assert "compiled ok" in run_compiled(SCRIPT)

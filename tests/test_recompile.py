@@ -7,14 +7,11 @@ counting ``torch.compile`` backend (no code generation, so the test is quick): d
 guards and recompilations are the same as with inductor (tests/test_compiled_cpu.py runs
 inductor itself)."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from compiled_process import run_compiled
 
 SCRIPT = textwrap.dedent("""
     import itertools, logging, warnings
@@ -75,10 +72,6 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_twenty_combinations_stay_compiled():
-    env = {**os.environ, "UNISD_FAST_COMPILE": "1"}
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "stayed compiled" in done.stdout
-    print(done.stdout)
+    stdout = run_compiled(SCRIPT)
+    assert "stayed compiled" in stdout
+    print(stdout)

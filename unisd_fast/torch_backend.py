@@ -50,15 +50,15 @@ def _logsumexp(x):
     return (m.double() + total.log()).to(x.dtype)
 
 
-def _xlogy_sum(p, diff):
-    """sum of p * diff over the last dimension, with 0 where p == 0 (0 log 0 = 0),
-    accumulated in float64 (see _logsumexp)."""
-    return torch.where(p == 0, 0.0, p * diff).sum(-1, dtype=torch.float64).to(p.dtype)
-
-
 def _xlogy_terms(p, diff):
     """p * diff with 0 where p == 0 (0 log 0 = 0)."""
     return torch.where(p == 0, 0.0, p * diff)
+
+
+def _xlogy_sum(p, diff):
+    """_xlogy_terms summed over the last dimension, accumulated in float64 (see
+    _logsumexp)."""
+    return _xlogy_terms(p, diff).sum(-1, dtype=torch.float64).to(p.dtype)
 
 
 # Stats of one block of rows, with s = z / tau, t = u / tau, dx = s - t formed from z - u:
