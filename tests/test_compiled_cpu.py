@@ -54,3 +54,45 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_compiled_cpu_path_matches_reference():
     assert "compiled ok" in run_compiled(SCRIPT)
+
+
+BUFFERS = textwrap.dedent("""
+    import re
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from unisd_fast import torch_backend as tb
+
+    R, V = 8, 1000
+    backend = tb.TorchBackend(compile=True)
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(R, V, generator=gen) * 3
+    z = u + 0.5 * torch.randn(R, V, generator=gen)
+    y = torch.randint(0, V, (R,), generator=gen)
+    keep, row = y >= 0, torch.rand(R, generator=gen)
+    tau, alpha = torch.tensor(0.7), torch.tensor(0.5)
+    for fn in tb.BLOCK_FUNCTIONS:
+        name = fn.__name__
+        if name.startswith("_stats"):
+            args = (z, u, y, keep, tau, alpha)
+        elif name == "_label_block":
+            args = (z, y, keep, tau)
+        elif name.startswith("_grad_into"):
+            args = (z.clone(), u.clone(), y, *(row,) * 7, tau, alpha)
+        else:
+            args = (torch.empty(R, V), z, u, y, *(row,) * 7, tau, alpha)
+        for a in args:
+            if a.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        _, code = run_and_get_code(backend.compiled[fn], *args)
+        shapes = re.findall(r"empty_strided_cpu\\(\\(([^)]*)\\)", "\\n".join(code))
+        print(name, sum(str(V) in s for s in shapes))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
+def test_compiled_passes_allocate_no_block_sized_buffer():
+    """Inductor's default realize_opcount_threshold stored the shifted sums' terms as a
+    rows x V buffer (and read them back); only the jsd stats pass keeps two such buffers."""
+    counts = dict(line.split() for line in run_compiled(BUFFERS).splitlines())
+    assert len(counts) == 13, counts
+    assert {k: int(v) for k, v in counts.items() if v != "0"} == {"_stats_jsd": 2}, counts

@@ -1,7 +1,9 @@
 """unisd_linear_loss against unisd_loss on the materialised logits (float64 reference).
 
 Tiny shapes: 14 tokens, V = 1001 (not a multiple of a vocabulary tile nor of the chunk),
-and a chunk budget of a few rows so that every call runs several chunks.
+and a chunk budget of a few rows so that every call runs several chunks. Every test runs the
+vocabulary-tiled schedule (the CPU default) with tiles of TILE head rows, so with several
+tiles and a remainder; test_whole_head_schedule runs the other one (the CUDA default).
 """
 
 import pytest
@@ -15,6 +17,7 @@ from unisd_fast import linear_chunks, linear_op
 F64 = torch.float64
 V = 1001
 CHUNK = 3 * 2 * V * 4  # three student/teacher row pairs of fp32 logits
+TILE = 96  # 1001 = 10 * 96 + 41
 OPTIONS = [
     "sd", "gkd", "clip", "agreement", "contrastive", "match", "match_repr", "unisd_star",
     {"divergence": "rkl"},
@@ -30,6 +33,11 @@ OPTIONS = [
     {"normalize": "token", "num_items_in_batch": 9},
     {"normalize": "token", "num_items_in_batch": "tensor", "feature_weight": 0.2},
 ]
+
+
+@pytest.fixture(autouse=True)
+def small_vocab_tiles(monkeypatch):
+    monkeypatch.setitem(linear_chunks.VOCAB_TILE, "cpu", TILE)
 
 
 def option_id(o):
@@ -129,6 +137,29 @@ def test_all_ignored_rows():
     assert all(g.abs().max().item() == 0.0 for g in grads)
 
 
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("option,softcap", [("sd", None), ("unisd_star", 3.0),
+                                            ({"clip_quantile": 0.5}, None)],
+                         ids=["sd", "unisd_star-softcap", "clip_quantile"])
+def test_whole_head_schedule(option, softcap, trainable, monkeypatch):
+    monkeypatch.delitem(linear_chunks.VOCAB_TILE, "cpu")
+    assert linear_chunks.vocab_tile_for(torch.device("cpu")) is None
+    cfg, _ = config_and_kwargs(option)
+    check(make_case(V=V), cfg, trainable=trainable, logit_softcap=softcap)
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
+def test_tiled_and_whole_head_schedules_agree(separate, monkeypatch):
+    case = make_case(V=V, shared=not separate)
+    cfg = usd.UniSDConfig.preset("unisd_star")
+    a, ga = run_linear(case, cfg, chunk_bytes=CHUNK, logit_softcap=3.0)
+    monkeypatch.delitem(linear_chunks.VOCAB_TILE, "cpu")
+    b, gb = run_linear(case, cfg, chunk_bytes=CHUNK, logit_softcap=3.0)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
 def test_one_chunk_and_one_row_chunks_agree():
     case = make_case(V=V)
     cfg = usd.UniSDConfig.preset("unisd_star", clip_quantile=0.7)
@@ -225,11 +256,12 @@ def test_second_backward_is_refused_not_wrong():
 
 
 class _Sizes(TorchDispatchMode):
-    """Records the largest tensor any op creates and counts head GEMMs (V output columns)."""
+    """Records the largest tensor any op creates and counts head GEMMs (an output width in
+    ``widths``: V, or the vocabulary tile widths)."""
 
-    def __init__(self, V):
+    def __init__(self, widths):
         super().__init__()
-        self.V, self.largest, self.head_gemms = V, 0, 0
+        self.widths, self.largest, self.head_gemms = widths, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -237,12 +269,12 @@ class _Sizes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         if func in (torch.ops.aten.mm.out, torch.ops.aten.addmm.out, torch.ops.aten.mm.default,
-                    torch.ops.aten.addmm.default) and out.shape[-1] == self.V:
+                    torch.ops.aten.addmm.default) and out.shape[-1] in self.widths:
             self.head_gemms += 1
         return out
 
 
-def _chunk_call(case, cfg, chunk_bytes, trainable):
+def _chunk_call(case, cfg, chunk_bytes, trainable, vocab_tile=None):
     hs, ws, ht = case["student_hidden"], case["student_weight"], case["teacher_hidden"]
     wt = case["teacher_weight"]
     B, T, H = hs.shape
@@ -254,28 +286,32 @@ def _chunk_call(case, cfg, chunk_bytes, trainable):
         teacher_head=linear_chunks.Head(wt, case["teacher_bias"]), shared=shared,
         student_rows=hs.reshape(B * T, H), teacher_rows=ht.reshape(B * T, -1),
         labels=case["labels"].reshape(-1), chunk_bytes=chunk_bytes,
-        grads=(True, trainable, trainable))
+        grads=(True, trainable, trainable), vocab_tile=vocab_tile)
     views = [v.reshape(B * T, -1) for v in case["view_hidden"]]
     return lambda: linear_chunks.linear_loss(
         call, (B, T), views, None, case["negative_hidden"].reshape(B * T, -1), None, hs, ht,
         None)
 
 
+@pytest.mark.parametrize("vocab_tile", [None, 512], ids=["whole-head", "tiled"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
-def test_nothing_of_tokens_by_vocab_one_gemm_per_chunk_for_a_shared_head(shared):
+def test_nothing_of_tokens_by_vocab_one_gemm_per_chunk_for_a_shared_head(shared, vocab_tile):
     Vbig, H, B, T = 4099, 8, 2, 8
     case = make_case(B=B, T=T, H=H, V=Vbig, shared=shared)
     chunk_bytes = 2 * 3 * Vbig * 4
-    n_chunks = -(-int((case["labels"] != -100).sum()) // 3)  # ignored rows: no GEMM
+    tiles = 1 if vocab_tile is None else -(-Vbig // vocab_tile)
+    rows = chunk_bytes // (2 * Vbig * 4)
+    n_chunks = -(-int((case["labels"] != -100).sum()) // rows)  # ignored rows: no GEMM
+    widths = {Vbig} if vocab_tile is None else {vocab_tile, Vbig % vocab_tile}
     for cfg, trainable in ((usd.UniSDConfig(), False),
                            (usd.UniSDConfig.preset("unisd_star"), True)):
-        mode = _Sizes(Vbig)
+        mode = _Sizes(widths)
         with mode:
-            _chunk_call(case, cfg, chunk_bytes, trainable)()
+            _chunk_call(case, cfg, chunk_bytes, trainable, vocab_tile)()
         limit = max(chunk_bytes // 4, Vbig * H)  # a chunk's logits; the weight (views)
         assert mode.largest <= limit < B * T * Vbig
         if cfg.agreement == "none":
-            assert mode.head_gemms == (1 if shared else 2) * n_chunks
+            assert mode.head_gemms == (1 if shared else 2) * n_chunks * tiles
 
 
 def _valid():

@@ -3,7 +3,7 @@ chunk's logits, and the gradients wrt the hidden states and the head, computed a
 
 Plain tensors in and out, no autograd (``linear_op.py`` registers it as an operator). Nothing
 of size tokens x vocab exists: only one chunk's logits, ``chunk_bytes`` at most (at least one
-row). docs/kernels.md, "The fused-linear form", describes the passes.
+row). docs/kernels.md, "The fused-linear form", describes the passes and the two schedules.
 """
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ from .config import UniSDConfig
 from .fused import Coefficients, combine
 
 N_STATS = len(RowStats._fields)
+VOCAB_TILE = {"cpu": 1024}
+
+
+def vocab_tile_for(device: torch.device) -> int | None:
+    """Head rows per tile of the vocabulary-tiled schedule on ``device``; None: whole-head
+    GEMMs (CUDA, where one GEMM per chunk runs at full speed)."""
+    return VOCAB_TILE.get(device.type)
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class LinearCall:
 
     ``shared``: the teacher head is the student head (same weight and bias tensors), so the
     student and teacher rows of a chunk go through one GEMM. ``grads``: which of d hidden,
-    d weight, d bias to compute.
+    d weight, d bias to compute. ``vocab_tile``: head rows per tile of the tiled schedule
+    (``run_chunks``), None for whole-head GEMMs.
     """
 
     backend: RowBackend
@@ -71,6 +79,7 @@ class LinearCall:
     labels: torch.Tensor
     chunk_bytes: int
     grads: tuple[bool, bool, bool]
+    vocab_tile: int | None = None
 
 
 @dataclass
@@ -213,26 +222,100 @@ class Accumulators:
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=torch.float32))
 
+    def add_tile(self, call: LinearCall, pending: Pending, v0: int, v1: int) -> None:
+        """``add`` restricted to head rows v0:v1, accumulated: d h += dx[:, v0:v1] W[v0:v1]
+        (float32 operands, so a 16-bit head's products are summed over tiles in float32)."""
+        w = call.student_head.weight[v0:v1].float()
+        g = pending.grad[:, v0:v1].float()
+        if self.hidden is not None:
+            self.hidden[pending.r0:pending.r0 + g.shape[0]].addmm_(g, w)
+        if self.weight is not None:
+            self.weight[v0:v1].addmm_(g.t(), pending.h.float())
+        if self.bias is not None:
+            self.bias[v0:v1].add_(g.sum(0))
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A chunk whose gradient ``grad`` (rows x V, in the logits buffer) is written and whose
+    products with the head are still due: its hidden rows ``h`` start at row ``r0``."""
+
+    grad: torch.Tensor
+    h: torch.Tensor
+    r0: int
+
+
+def tile_logits(call: LinearCall, z, u, hs, ht, h_stacked, v0: int, v1: int) -> None:
+    """Columns v0:v1 of the chunk's logits z = f(hs W_S^T + b_S), u = f(ht W_T^T + b_T)."""
+    def head_tile(out, head: Head, h):
+        w = head.weight[v0:v1].t()
+        if head.bias is None:
+            torch.mm(h, w, out=out)
+        else:
+            torch.addmm(head.bias[v0:v1], h, w, out=out)
+        call.logit_map.apply_(out)
+
+    n = z.shape[0]
+    if h_stacked is not None:
+        tile = torch.empty((2 * n, v1 - v0), dtype=z.dtype, device=z.device)
+        head_tile(tile, call.student_head, h_stacked)
+        z[:, v0:v1] = tile[:n]
+        u[:, v0:v1] = tile[n:]
+    else:
+        head_tile(z[:, v0:v1], call.student_head, hs)
+        head_tile(u[:, v0:v1], call.teacher_head, ht)
+
+
+def tiled_sweep(call: LinearCall, acc: Accumulators, chunk, pending: Pending | None) -> None:
+    """One sweep over the vocabulary in tiles of ``call.vocab_tile`` head rows: the head
+    products of the ``pending`` chunk's gradient, then the logits of ``chunk`` (z, u, hs, ht;
+    or None), tile by tile, so that each head tile is read from memory once for both. The
+    logits may overwrite the pending gradient: each tile of it is used before."""
+    V = call.student_head.weight.shape[0]
+    h_stacked = None
+    if chunk is not None and call.shared:
+        h_stacked = torch.cat([chunk[2], chunk[3]])
+    for v0 in range(0, V, call.vocab_tile):
+        v1 = min(V, v0 + call.vocab_tile)
+        if pending is not None:
+            acc.add_tile(call, pending, v0, v1)
+        if chunk is not None:
+            tile_logits(call, *chunk, h_stacked, v0, v1)
+
 
 def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
                scales: co.RowScales, b_lab, c, *, with_stats: bool,
                acc: Accumulators | None) -> None:
     """One pass over the chunks of the rows ``index``: the logits by GEMM, then
     (``with_stats``) the row stats into ``stats`` (6, len(index)), and (``acc``) the chunk's
-    gradient into the accumulators. ``scales``, ``b_lab`` are those of the same rows."""
+    gradient into the accumulators. ``scales``, ``b_lab`` are those of the same rows.
+
+    Whole-head schedule (``call.vocab_tile`` None): each chunk's logits by one GEMM per head,
+    its gradient's products with the head right after. Tiled schedule: the head products of
+    chunk i's gradient are made in the same sweep over head tiles as the logits of chunk
+    i + 1 (which take its place tile by tile), so a head tile is read from memory once per
+    chunk instead of two or three times."""
     cfg, V = call.config, call.student_head.weight.shape[0]
+    tiled = call.vocab_tile is not None and acc is not None
     ranges = chunk_ranges(index.shape[0], 2, V, call.student_head.weight.element_size(),
                           call.chunk_bytes)
     if not ranges:
         return
-    buf = torch.empty((2 * ranges[0][1], V), dtype=call.student_head.weight.dtype,
+    rows_max = ranges[0][1]
+    buf = torch.empty((2 * rows_max, V), dtype=call.student_head.weight.dtype,
                       device=index.device)
     labels = call.labels[index]
     everywhere = torch.ones_like(labels, dtype=torch.bool)
+    pending = None
     for r0, r1 in ranges:
-        idx, y = index[r0:r1], labels[r0:r1]
+        idx, y, n = index[r0:r1], labels[r0:r1], r1 - r0
         hs = call.student_rows.index_select(0, idx)
-        z, u = chunk_logits(call, buf, hs, call.teacher_rows.index_select(0, idx))
+        ht = call.teacher_rows.index_select(0, idx)
+        if tiled:
+            z, u = buf[:n], buf[rows_max:rows_max + n]
+            tiled_sweep(call, acc, (z, u, hs, ht), pending)
+        else:
+            z, u = chunk_logits(call, buf, hs, ht)
         if with_stats:
             st = call.backend.row_stats(z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1),
                                         divergence=cfg.divergence, tau=cfg.temperature,
@@ -245,7 +328,13 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
         rows = co.row_coefficients(st.divergence, st.student_label, st.teacher_label,
                                    None if b_lab is None else b_lab[r0:r1],
                                    everywhere[r0:r1], c, part, cfg)
-        acc.add(call, chunk_grad(call, z, u, y, st, rows), hs, r0)
+        grad = chunk_grad(call, z, u, y, st, rows)
+        if tiled:
+            pending = Pending(grad, hs, r0)
+        else:
+            acc.add(call, grad, hs, r0)
+    if pending is not None:
+        tiled_sweep(call, acc, None, pending)
 
 
 def scatter_rows(values: torch.Tensor, index: torch.Tensor, N: int, dim: int = -1):

@@ -15,7 +15,7 @@ import torch
 
 from . import torch_backend
 from .config import UniSDConfig
-from .linear_chunks import Head, LinearCall, LogitMap, linear_loss
+from .linear_chunks import Head, LinearCall, LogitMap, linear_loss, vocab_tile_for
 from .validation import check_labels, check_num_items
 
 # The config travels as one typed argument per UniSDConfig field (the op schema allows no
@@ -74,7 +74,8 @@ def linear_loss_op(*args):
         shared=wt is None and (shared_bias or bs is None and bt is None),
         student_rows=hs.reshape(N, H),
         teacher_rows=ht.reshape(N, ht.shape[-1]), labels=labels.reshape(N),
-        chunk_bytes=chunk_bytes, grads=(want_h, want_w, want_b))
+        chunk_bytes=chunk_bytes, grads=(want_h, want_w, want_b),
+        vocab_tile=vocab_tile_for(hs.device))
     with torch.no_grad():
         result = linear_loss(
             call, (B, T), [v.reshape(N, v.shape[-1]) for v in views], view_lp,
