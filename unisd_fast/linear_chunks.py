@@ -111,10 +111,56 @@ def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap) -> Non
     logit_map.apply_(out)
 
 
+# log softmax(f(h W^T + b) / tau)[y] of each row of h, by one sweep over tiles of the head:
+# per tile x = f(h W_tile^T + b_tile) / tau, an online log-sum-exp (running max m, float64
+# sum s of exp(x - m), rescaled by exp(m_old - m_new) when the max grows) and the label's
+# logit taken from the tile that holds it; at the end lp = x_y - (m + log s).
+def label_logprobs_tiled(call: LinearCall, h, y, tau):
+    head, V, tile = call.teacher_head, call.teacher_head.weight.shape[0], call.vocab_tile
+    m = torch.full((h.shape[0],), float("-inf"), device=h.device)
+    total = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+    label = torch.zeros(h.shape[0], device=h.device)
+    shift = torch.zeros_like(m)
+    for v0 in range(0, V, tile):
+        v1 = min(V, v0 + tile)
+        w = head.weight[v0:v1].t()
+        x = torch.mm(h, w) if head.bias is None else torch.addmm(head.bias[v0:v1], h, w)
+        call.logit_map.apply_(x)
+        x = x.float().div_(tau)
+        m_new = torch.maximum(m, x.amax(1))
+        new_shift = torch.where(m_new.isfinite(), m_new, 0.0)
+        total = total * torch.exp(shift - new_shift).double() + torch.exp(
+            x - new_shift.unsqueeze(1)).sum(1, dtype=torch.float64)
+        at = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
+        label = torch.where((y >= v0) & (y < v1), x.gather(1, at).squeeze(1), label)
+        m, shift = m_new, new_shift
+    return (label.double() - shift.double() - total.log()).float()
+
+
+def score_rows_tiled(call: LinearCall, index: torch.Tensor, groups):
+    """``score_rows`` for the tiled schedule: every row of every tensor in one sweep over
+    the head tiles (in blocks of rows whose tile logits, and their exponentials, fit
+    ``chunk_bytes``), so the head is read once for all of them."""
+    tensors = [(x, tau) for xs, tau in groups for x in xs]
+    n_rows, labels = index.shape[0], call.labels[index]
+    lp = torch.empty(len(tensors), n_rows, dtype=torch.float32, device=index.device)
+    block = max(1, call.chunk_bytes // (8 * call.vocab_tile * len(tensors)))
+    for r0 in range(0, n_rows, block):
+        idx, y = index[r0:r0 + block], labels[r0:r0 + block]
+        h = torch.cat([x.index_select(0, idx) for x, _ in tensors])
+        tau = torch.cat([torch.full((idx.shape[0], 1), t, device=h.device)
+                         for _, t in tensors])
+        values = label_logprobs_tiled(call, h, y.repeat(len(tensors)), tau)
+        lp[:, r0:r0 + block] = values.view(len(tensors), -1)
+    return list(lp.split([len(xs) for xs, _ in groups]))
+
+
 def score_rows(call: LinearCall, index: torch.Tensor, groups):
     """Label log-probs through the teacher head of the rows ``index`` of the (N, Ht) tensors
     in ``groups`` [(list of tensors, tau)]: one GEMM per chunk over every tensor of every
     group, then one label pass per group. Returns a float32 (P_g, len(index)) per group."""
+    if call.vocab_tile is not None:
+        return score_rows_tiled(call, index, groups)
     head, V = call.teacher_head, call.teacher_head.weight.shape[0]
     tensors = [x for xs, _ in groups for x in xs]
     P, n_rows = len(tensors), index.shape[0]
