@@ -114,7 +114,8 @@ def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap) -> Non
 # log softmax(f(h W^T + b) / tau)[y] of each row of h, by one sweep over tiles of the head:
 # per tile x = f(h W_tile^T + b_tile) / tau, an online log-sum-exp (running max m, float64
 # sum s of exp(x - m), rescaled by exp(m_old - m_new) when the max grows) and the label's
-# logit taken from the tile that holds it; at the end lp = x_y - (m + log s).
+# logit taken from the tile that holds it; at the end lp = x_y - (m + log s), NaN where
+# that log-sum-exp is not finite (a row holding +inf, as in the reference).
 def label_logprobs_tiled(call: LinearCall, h, y, tau):
     head, V, tile = call.teacher_head, call.teacher_head.weight.shape[0], call.vocab_tile
     m = torch.full((h.shape[0],), float("-inf"), device=h.device)
@@ -134,7 +135,8 @@ def label_logprobs_tiled(call: LinearCall, h, y, tau):
         at = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
         label = torch.where((y >= v0) & (y < v1), x.gather(1, at).squeeze(1), label)
         m, shift = m_new, new_shift
-    return (label.double() - shift.double() - total.log()).float()
+    lse = shift.double() + total.log()
+    return torch.where(lse.isfinite(), label.double() - lse, float("nan")).float()
 
 
 def score_rows_tiled(call: LinearCall, index: torch.Tensor, groups):

@@ -146,11 +146,12 @@ def _stats_jsd(z, u, y, keep, tau, alpha):
 # log_softmax(x / tau)[y] of one block, 0 where ``keep`` is False; NaN on a row holding +inf,
 # as in the reference.
 # Read at the label from x itself (not from a log_softmax result, which the compiler would
-# store as a block-sized buffer to gather from).
+# store as a block-sized buffer to gather from); NaN where the log-sum-exp is not finite.
 def _label_block(x, y, keep, tau):
     y = torch.where(keep, y, 0).long()
     s = x.float() / tau
-    value = s.gather(-1, y.unsqueeze(-1)) - _logsumexp(s)
+    lse = _logsumexp(s)
+    value = torch.where(lse.isfinite(), s.gather(-1, y.unsqueeze(-1)) - lse, float("nan"))
     return torch.where(keep, value.squeeze(-1), 0.0)
 
 
