@@ -100,14 +100,17 @@ def chunk_ranges(N: int, parts: int, V: int, itemsize: int, chunk_bytes: int):
     return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
-def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap) -> None:
-    """out = f(h W^T + b) for the row blocks ``rows`` [h_i], stacked in order along the rows
-    of ``out``: one GEMM over all blocks (the bias added in it, rounded once)."""
+def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap,
+                cols: slice = slice(None)) -> None:
+    """out = f(h W[cols]^T + b[cols]) for the row blocks ``rows`` [h_i], stacked in order
+    along the rows of ``out``: one GEMM over all blocks (the bias added in it, rounded once).
+    ``cols`` selects head rows (a vocabulary tile); ``out`` may be a column slice."""
     h = rows[0] if len(rows) == 1 else torch.cat(rows)
+    w = head.weight[cols].t()
     if head.bias is None:
-        torch.mm(h, head.weight.t(), out=out)
+        torch.mm(h, w, out=out)
     else:
-        torch.addmm(head.bias, h, head.weight.t(), out=out)
+        torch.addmm(head.bias[cols], h, w, out=out)
     logit_map.apply_(out)
 
 
@@ -124,9 +127,8 @@ def label_logprobs_tiled(call: LinearCall, h, y, tau):
     shift = torch.zeros_like(m)
     for v0 in range(0, V, tile):
         v1 = min(V, v0 + tile)
-        w = head.weight[v0:v1].t()
-        x = torch.mm(h, w) if head.bias is None else torch.addmm(head.bias[v0:v1], h, w)
-        call.logit_map.apply_(x)
+        x = torch.empty((h.shape[0], v1 - v0), dtype=head.weight.dtype, device=h.device)
+        head_logits(x, head, [h], call.logit_map, slice(v0, v1))
         x = x.float().div_(tau)
         m_new = torch.maximum(m, x.amax(1))
         new_shift = torch.where(m_new.isfinite(), m_new, 0.0)
@@ -278,7 +280,7 @@ class Accumulators:
         if self.hidden is not None:
             self.hidden[pending.r0:pending.r0 + g.shape[0]].addmm_(g, w)
         if self.weight is not None:
-            self.weight[v0:v1].addmm_(g.t(), pending.h.float())
+            self.weight[v0:v1].addmm_(g.t(), pending.h)
         if self.bias is not None:
             self.bias[v0:v1].add_(g.sum(0))
 
@@ -286,7 +288,8 @@ class Accumulators:
 @dataclass(frozen=True)
 class Pending:
     """A chunk whose gradient ``grad`` (rows x V, in the logits buffer) is written and whose
-    products with the head are still due: its hidden rows ``h`` start at row ``r0``."""
+    products with the head are still due: its hidden rows ``h`` (float32, made once for all
+    tiles) start at row ``r0``."""
 
     grad: torch.Tensor
     h: torch.Tensor
@@ -295,23 +298,15 @@ class Pending:
 
 def tile_logits(call: LinearCall, z, u, hs, ht, h_stacked, v0: int, v1: int) -> None:
     """Columns v0:v1 of the chunk's logits z = f(hs W_S^T + b_S), u = f(ht W_T^T + b_T)."""
-    def head_tile(out, head: Head, h):
-        w = head.weight[v0:v1].t()
-        if head.bias is None:
-            torch.mm(h, w, out=out)
-        else:
-            torch.addmm(head.bias[v0:v1], h, w, out=out)
-        call.logit_map.apply_(out)
-
-    n = z.shape[0]
+    n, cols = z.shape[0], slice(v0, v1)
     if h_stacked is not None:
         tile = torch.empty((2 * n, v1 - v0), dtype=z.dtype, device=z.device)
-        head_tile(tile, call.student_head, h_stacked)
-        z[:, v0:v1] = tile[:n]
-        u[:, v0:v1] = tile[n:]
+        head_logits(tile, call.student_head, [h_stacked], call.logit_map, cols)
+        z[:, cols] = tile[:n]
+        u[:, cols] = tile[n:]
     else:
-        head_tile(z[:, v0:v1], call.student_head, hs)
-        head_tile(u[:, v0:v1], call.teacher_head, ht)
+        head_logits(z[:, cols], call.student_head, [hs], call.logit_map, cols)
+        head_logits(u[:, cols], call.teacher_head, [ht], call.logit_map, cols)
 
 
 def tiled_sweep(call: LinearCall, acc: Accumulators, chunk, pending: Pending | None) -> None:
@@ -378,7 +373,7 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
                                    everywhere[r0:r1], c, part, cfg)
         grad = chunk_grad(call, z, u, y, st, rows)
         if tiled:
-            pending = Pending(grad, hs, r0)
+            pending = Pending(grad, hs.float(), r0)
         else:
             acc.add(call, grad, hs, r0)
     if pending is not None:

@@ -143,10 +143,9 @@ def _stats_jsd(z, u, y, keep, tau, alpha):
     return _stats(z, u, y, keep, tau, alpha, "jsd")
 
 
-# log_softmax(x / tau)[y] of one block, 0 where ``keep`` is False; NaN on a row holding +inf,
-# as in the reference.
-# Read at the label from x itself (not from a log_softmax result, which the compiler would
-# store as a block-sized buffer to gather from); NaN where the log-sum-exp is not finite.
+# log_softmax(x / tau)[y] of one block, 0 where ``keep`` is False; NaN where the log-sum-exp
+# is not finite (a row holding +inf), as in the reference. The label is read from x itself,
+# not from a log_softmax result, which the compiler would store as a block-sized buffer.
 def _label_block(x, y, keep, tau):
     y = torch.where(keep, y, 0).long()
     s = x.float() / tau
