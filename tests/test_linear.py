@@ -160,6 +160,19 @@ def test_tiled_and_whole_head_schedules_agree(separate, monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("shared,softcap", [(True, None), (True, 3.0), (False, None),
+                                            (False, 3.0)],
+                         ids=["shared", "shared-softcap", "separate", "separate-softcap"])
+def test_last_chunk_shorter_than_the_pending_one(shared, softcap, trainable):
+    # 9 or 11 scored rows in chunks of 4: the last chunk's logits (2 n rows, n < 4) overwrite
+    # rows of the pending chunk's gradient that belong to that chunk's other half.
+    case = make_case(V=V, shared=shared)
+    assert (case["labels"] != -100).sum().item() % 4 != 0
+    check(case, usd.UniSDConfig.preset("sd"), trainable=trainable, logit_softcap=softcap,
+          chunk_bytes=4 * 2 * V * 4)
+
+
 def test_one_chunk_and_one_row_chunks_agree():
     case = make_case(V=V)
     cfg = usd.UniSDConfig.preset("unisd_star", clip_quantile=0.7)

@@ -15,7 +15,7 @@ from .linear_chunks import LogitMap
 from .linear_validation import validate_linear_inputs
 from .losses import UniSDOutput, check_config, check_impl, resolve_impl, unisd_loss
 
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 CHUNK_BYTES_OTHER = 64 << 20
 
 

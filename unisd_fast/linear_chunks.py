@@ -296,28 +296,27 @@ class Pending:
     r0: int
 
 
-def tile_logits(call: LinearCall, z, u, hs, ht, h_stacked, v0: int, v1: int) -> None:
-    """Columns v0:v1 of the chunk's logits z = f(hs W_S^T + b_S), u = f(ht W_T^T + b_T)."""
-    n, cols = z.shape[0], slice(v0, v1)
+def tile_logits(call: LinearCall, logits, hs, ht, h_stacked, v0: int, v1: int) -> None:
+    """Columns v0:v1 of the chunk's logits (2 n, V): z = f(hs W_S^T + b_S) in the first n
+    rows, u = f(ht W_T^T + b_T) in the last n; one GEMM when the head is shared."""
+    n, cols = hs.shape[0], slice(v0, v1)
     if h_stacked is not None:
-        tile = torch.empty((2 * n, v1 - v0), dtype=z.dtype, device=z.device)
-        head_logits(tile, call.student_head, [h_stacked], call.logit_map, cols)
-        z[:, cols] = tile[:n]
-        u[:, cols] = tile[n:]
+        head_logits(logits[:, cols], call.student_head, [h_stacked], call.logit_map, cols)
     else:
-        head_logits(z[:, cols], call.student_head, [hs], call.logit_map, cols)
-        head_logits(u[:, cols], call.teacher_head, [ht], call.logit_map, cols)
+        head_logits(logits[:n, cols], call.student_head, [hs], call.logit_map, cols)
+        head_logits(logits[n:, cols], call.teacher_head, [ht], call.logit_map, cols)
 
 
 def tiled_sweep(call: LinearCall, acc: Accumulators, chunk, pending: Pending | None) -> None:
     """One sweep over the vocabulary in tiles of ``call.vocab_tile`` head rows: the head
-    products of the ``pending`` chunk's gradient, then the logits of ``chunk`` (z, u, hs, ht;
-    or None), tile by tile, so that each head tile is read from memory once for both. The
-    logits may overwrite the pending gradient: each tile of it is used before."""
+    products of the ``pending`` chunk's gradient, then the logits of ``chunk`` (logits, hs,
+    ht; or None), tile by tile, so that each head tile is read from memory once for both.
+    The logits may overwrite any rows of the pending gradient: a tile's columns of the
+    gradient are used before the same columns of the logits are written."""
     V = call.student_head.weight.shape[0]
     h_stacked = None
     if chunk is not None and call.shared:
-        h_stacked = torch.cat([chunk[2], chunk[3]])
+        h_stacked = torch.cat([chunk[1], chunk[2]])
     for v0 in range(0, V, call.vocab_tile):
         v1 = min(V, v0 + call.vocab_tile)
         if pending is not None:
@@ -355,8 +354,8 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
         hs = call.student_rows.index_select(0, idx)
         ht = call.teacher_rows.index_select(0, idx)
         if tiled:
-            z, u = buf[:n], buf[rows_max:rows_max + n]
-            tiled_sweep(call, acc, (z, u, hs, ht), pending)
+            z, u = buf[:n], buf[n:2 * n]
+            tiled_sweep(call, acc, (buf[:2 * n], hs, ht), pending)
         else:
             z, u = chunk_logits(call, buf, hs, ht)
         if with_stats:
