@@ -241,15 +241,21 @@ def mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 class Accumulators:
     """float32 d hidden (of the ``n_rows`` rows scored), d weight (V, H) and d bias (V,), for
-    the gradients asked for."""
+    the gradients asked for.
+
+    In the tiled schedule with rows to score, d W is not zeroed: the first chunk's products
+    overwrite it (``weight_beta`` 0, then 1), which saves a pass over a weight-sized buffer.
+    """
 
     def __init__(self, call: LinearCall, n_rows: int):
         w = call.student_head.weight
         want_h, want_w, want_b = call.grads
         self.hidden = (torch.zeros((n_rows, w.shape[1]), dtype=torch.float32, device=w.device)
                        if want_h else None)
-        self.weight = (torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                       if want_w else None)
+        overwrite = call.vocab_tile is not None and n_rows > 0
+        self.weight_beta = 0.0 if overwrite else 1.0
+        self.weight = ((torch.empty if overwrite else torch.zeros)(
+            w.shape, dtype=torch.float32, device=w.device) if want_w else None)
         self.bias = (torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
                      if want_b else None)
 
@@ -280,7 +286,7 @@ class Accumulators:
         if self.hidden is not None:
             self.hidden[pending.r0:pending.r0 + g.shape[0]].addmm_(g, w)
         if self.weight is not None:
-            self.weight[v0:v1].addmm_(g.t(), pending.h)
+            self.weight[v0:v1].addmm_(g.t(), pending.h, beta=self.weight_beta)
         if self.bias is not None:
             self.bias[v0:v1].add_(g.sum(0))
 
@@ -323,6 +329,8 @@ def tiled_sweep(call: LinearCall, acc: Accumulators, chunk, pending: Pending | N
             acc.add_tile(call, pending, v0, v1)
         if chunk is not None:
             tile_logits(call, *chunk, h_stacked, v0, v1)
+    if pending is not None:
+        acc.weight_beta = 1.0
 
 
 def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
