@@ -98,7 +98,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, changes):
         torch.testing.assert_close(state_b["student"][name], value)
 
 
-def test_checkpoints_are_pruned_and_cli_resumes(tmp_path, capsys):
+def test_checkpoints_are_pruned_and_cli_resumes(tmp_path, capsys, monkeypatch):
     out = str(tmp_path)
     args = [
         "--data",
@@ -135,6 +135,9 @@ def test_checkpoints_are_pruned_and_cli_resumes(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 4
     assert [r["step"] for r in records(tmp_path, "train")] == [1, 2, 3, 4]
+    monkeypatch.setenv("RANK", "1")  # a torchrun rank other than 0 prints no summary
+    assert main(["--resume", "--output-dir", out, "--max-steps", "5", "--no-progress"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_cli_reports_bad_config(tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 
 EXTRA = ("transformers", "tqdm", "yaml")
@@ -58,5 +59,6 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"unisd-train: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone prints it
+        print(json.dumps(summary, indent=2))
     return 0
