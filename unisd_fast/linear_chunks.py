@@ -189,19 +189,6 @@ def score_rows(call: LinearCall, index: torch.Tensor, groups):
     return outs
 
 
-def chunk_logits(call: LinearCall, buf: torch.Tensor, hs, ht):
-    """Student and teacher logits of the chunk rows ``hs``, ``ht`` in ``buf`` (2 n, V): (z, u)
-    as (n, V)."""
-    n = hs.shape[0]
-    logits = buf[:2 * n]
-    if call.shared:
-        head_logits(logits, call.student_head, [hs, ht], call.logit_map)
-    else:
-        head_logits(logits[:n], call.student_head, [hs], call.logit_map)
-        head_logits(logits[n:], call.teacher_head, [ht], call.logit_map)
-    return logits[:n], logits[n:]
-
-
 def chunk_grad(call: LinearCall, z, u, y, stats: RowStats, rows: co.RowCoefficients):
     """d loss / d x of the chunk's pre-``f`` student logits x, written over z (or over u when
     f has a soft-cap, whose derivative needs z). Returns the tensor that holds it."""
@@ -244,7 +231,8 @@ class Accumulators:
     the gradients asked for.
 
     In the tiled schedule with rows to score, d W is not zeroed: the first chunk's products
-    overwrite it (``weight_beta`` 0, then 1), which saves a pass over a weight-sized buffer.
+    overwrite it (``weight_beta`` 0 until its last tile, then 1), which saves a pass over a
+    weight-sized buffer.
     """
 
     def __init__(self, call: LinearCall, n_rows: int):
@@ -287,6 +275,8 @@ class Accumulators:
             self.hidden[pending.r0:pending.r0 + g.shape[0]].addmm_(g, w)
         if self.weight is not None:
             self.weight[v0:v1].addmm_(g.t(), pending.h, beta=self.weight_beta)
+            if v1 == self.weight.shape[0]:  # the sweep's last tile: d W is written throughout
+                self.weight_beta = 1.0
         if self.bias is not None:
             self.bias[v0:v1].add_(g.sum(0))
 
@@ -302,35 +292,42 @@ class Pending:
     r0: int
 
 
-def tile_logits(call: LinearCall, logits, hs, ht, h_stacked, v0: int, v1: int) -> None:
-    """Columns v0:v1 of the chunk's logits (2 n, V): z = f(hs W_S^T + b_S) in the first n
-    rows, u = f(ht W_T^T + b_T) in the last n; one GEMM when the head is shared."""
-    n, cols = hs.shape[0], slice(v0, v1)
-    if h_stacked is not None:
-        head_logits(logits[:, cols], call.student_head, [h_stacked], call.logit_map, cols)
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk's logits buffer (2 n, V) and its student and teacher hidden rows (n each);
+    ``stacked`` is both, stacked, for a shared head (one GEMM), else None."""
+
+    logits: torch.Tensor
+    hs: torch.Tensor
+    ht: torch.Tensor
+    stacked: torch.Tensor | None
+
+
+def chunk_logits(call: LinearCall, chunk: Chunk, cols: slice = slice(None)) -> None:
+    """Columns ``cols`` of the chunk's logits: z = f(hs W_S^T + b_S) in the first n rows,
+    u = f(ht W_T^T + b_T) in the last n; one GEMM when the head is shared."""
+    n, logits = chunk.hs.shape[0], chunk.logits
+    if chunk.stacked is not None:
+        head_logits(logits[:, cols], call.student_head, [chunk.stacked], call.logit_map, cols)
     else:
-        head_logits(logits[:n, cols], call.student_head, [hs], call.logit_map, cols)
-        head_logits(logits[n:, cols], call.teacher_head, [ht], call.logit_map, cols)
+        head_logits(logits[:n, cols], call.student_head, [chunk.hs], call.logit_map, cols)
+        head_logits(logits[n:, cols], call.teacher_head, [chunk.ht], call.logit_map, cols)
 
 
-def tiled_sweep(call: LinearCall, acc: Accumulators, chunk, pending: Pending | None) -> None:
+def tiled_sweep(call: LinearCall, acc: Accumulators, chunk: Chunk | None,
+                pending: Pending | None) -> None:
     """One sweep over the vocabulary in tiles of ``call.vocab_tile`` head rows: the head
-    products of the ``pending`` chunk's gradient, then the logits of ``chunk`` (logits, hs,
-    ht; or None), tile by tile, so that each head tile is read from memory once for both.
-    The logits may overwrite any rows of the pending gradient: a tile's columns of the
-    gradient are used before the same columns of the logits are written."""
+    products of the ``pending`` chunk's gradient, then the logits of ``chunk`` (or None),
+    tile by tile, so that each head tile is read from memory once for both. The logits may
+    overwrite any rows of the pending gradient: a tile's columns of the gradient are used
+    before the same columns of the logits are written."""
     V = call.student_head.weight.shape[0]
-    h_stacked = None
-    if chunk is not None and call.shared:
-        h_stacked = torch.cat([chunk[1], chunk[2]])
     for v0 in range(0, V, call.vocab_tile):
         v1 = min(V, v0 + call.vocab_tile)
         if pending is not None:
             acc.add_tile(call, pending, v0, v1)
         if chunk is not None:
-            tile_logits(call, *chunk, h_stacked, v0, v1)
-    if pending is not None:
-        acc.weight_beta = 1.0
+            chunk_logits(call, chunk, slice(v0, v1))
 
 
 def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
@@ -351,8 +348,7 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
                           call.chunk_bytes)
     if not ranges:
         return
-    rows_max = ranges[0][1]
-    buf = torch.empty((2 * rows_max, V), dtype=call.student_head.weight.dtype,
+    buf = torch.empty((2 * ranges[0][1], V), dtype=call.student_head.weight.dtype,
                       device=index.device)
     labels = call.labels[index]
     everywhere = torch.ones_like(labels, dtype=torch.bool)
@@ -361,11 +357,12 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
         idx, y, n = index[r0:r1], labels[r0:r1], r1 - r0
         hs = call.student_rows.index_select(0, idx)
         ht = call.teacher_rows.index_select(0, idx)
+        chunk = Chunk(buf[:2 * n], hs, ht, torch.cat([hs, ht]) if call.shared else None)
         if tiled:
-            z, u = buf[:n], buf[n:2 * n]
-            tiled_sweep(call, acc, (buf[:2 * n], hs, ht), pending)
+            tiled_sweep(call, acc, chunk, pending)
         else:
-            z, u = chunk_logits(call, buf, hs, ht)
+            chunk_logits(call, chunk)
+        z, u = chunk.logits[:n], chunk.logits[n:]
         if with_stats:
             st = call.backend.row_stats(z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1),
                                         divergence=cfg.divergence, tau=cfg.temperature,
