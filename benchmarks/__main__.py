@@ -37,7 +37,7 @@ def parse(argv=None) -> argparse.Namespace:
                     help="default: cuda when available, else cpu")
     ap.add_argument("--providers", type=_names, default=None,
                     help="comma list of eager,compile,compile-dynamic,unisd,unisd-torch,"
-                         "unisd-triton,liger "
+                         "unisd-triton,unisd-stream,liger "
                          "(default: cpu eager,compile,unisd,unisd-triton,liger; "
                          "cuda eager,compile,unisd,unisd-torch,liger)")
     ap.add_argument("--presets", type=_names, default=["sd", "unisd_star"],

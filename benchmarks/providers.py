@@ -7,6 +7,8 @@ compile-dynamic  torch.compile of eager with dynamic shapes (one compilation for
 unisd         unisd_fast.unisd_loss(impl="auto"): Triton on CUDA, the chunked torch path on CPU
 unisd-torch   impl="torch" (the same as unisd on CPU, so left out of CPU sweeps by default)
 unisd-triton  impl="triton": compiled on CUDA; on CPU only in Triton's interpreter
+unisd-stream  impl="torch" with its small-input path off (torch_backend.SMALL_ELEMENTS = 0):
+              the two streaming passes at every size, to measure what that path saves
 liger         Liger-Kernel's LigerJSD over fp32 log_softmax (beta=0 is forward KL), for the
               presets whose math it covers: fkl or jsd, no clip, agreement, contrastive or
               feature term. It normalises over tokens, so its errors are measured against
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 
 from .eager import compiled_loss, eager_loss
 
-ALL = ("eager", "compile", "compile-dynamic", "unisd", "unisd-torch", "unisd-triton", "liger")
+ALL = ("eager", "compile", "compile-dynamic", "unisd", "unisd-torch", "unisd-triton",
+       "unisd-stream", "liger")
 CUDA_DEFAULT = ("eager", "compile", "unisd", "unisd-torch", "liger")
 CPU_DEFAULT = ("eager", "compile", "unisd", "unisd-triton", "liger")
 INTERPRETED = ("unisd-triton", "liger")  # need Triton: interpreter only on CPU
@@ -78,6 +81,22 @@ def _liger_fn(cfg):
     return fn
 
 
+def _streaming_fn(cfg):
+    import unisd_fast
+    from unisd_fast import torch_backend
+
+    def fn(inputs):
+        # the forward picks the path (and the backward follows it): restore at once, so
+        # that providers sharing this process keep the default
+        saved, torch_backend.SMALL_ELEMENTS = torch_backend.SMALL_ELEMENTS, 0
+        try:
+            return unisd_fast.unisd_loss(**inputs, config=cfg, impl="torch").loss
+        finally:
+            torch_backend.SMALL_ELEMENTS = saved
+
+    return fn
+
+
 def make(name: str, cfg):
     """The function ``inputs -> loss`` of provider ``name`` for config ``cfg``."""
     if name == "eager":
@@ -90,6 +109,8 @@ def make(name: str, cfg):
 
         impl = IMPL[name]
         return lambda inputs: unisd_fast.unisd_loss(**inputs, config=cfg, impl=impl).loss
+    if name == "unisd-stream":
+        return _streaming_fn(cfg)
     if name == "liger":
         return _liger_fn(cfg)
     raise ValueError(f"unknown provider {name!r}; expected one of {ALL}")

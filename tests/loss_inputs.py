@@ -7,6 +7,15 @@ import unisd_fast as usd
 GRAD_SCALE = 1.7
 
 
+def resolve_impl(impl, monkeypatch):
+    """``impl`` as unisd_loss takes it. "torch-stream" is impl="torch" with its small-input
+    path off (``SMALL_ELEMENTS = 0``), so that small test shapes run the streaming passes."""
+    if impl == "torch-stream":
+        monkeypatch.setattr(usd.torch_backend, "SMALL_ELEMENTS", 0)
+        return "torch"
+    return impl
+
+
 def make_inputs(B, T, V, K=3, H=16, device="cpu", dtype=torch.float32, noise=0.5):
     """Teacher logits, a student near them, K views near them, an unrelated negative, hidden
     states and labels with ignored positions (one whole sequence ignored when B >= 3)."""

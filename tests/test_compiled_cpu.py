@@ -8,6 +8,7 @@ import torch
 from compiled_process import run_compiled
 
 SCRIPT = textwrap.dedent("""
+    import itertools
     import torch
     import unisd_fast as usd
     from loss_inputs import make_inputs, run_loss
@@ -15,7 +16,12 @@ SCRIPT = textwrap.dedent("""
     assert usd.torch_backend.default_backend().is_compiled
     usd.torch_backend.COMPILE_MIN_ELEMENTS = 0
     torch.manual_seed(0)
-    for preset, dtype in (("unisd_star", torch.float32), ("gkd", torch.bfloat16)):
+    # small inputs take the one-call path (stats and divergence gradient); SMALL_ELEMENTS = 0
+    # turns it off, so the streaming passes run too
+    for small, preset, dtype in ((1 << 20, "unisd_star", torch.float32),
+                                 (0, "unisd_star", torch.float32),
+                                 (1 << 20, "gkd", torch.bfloat16), (0, "gkd", torch.bfloat16)):
+        usd.torch_backend.SMALL_ELEMENTS = small
         cfg = usd.UniSDConfig.preset(preset)
         for T in (8, 5):  # a second row count reuses the dynamic-rows graph
             inputs = make_inputs(B=2, T=T, V=1000, dtype=dtype)
@@ -34,7 +40,8 @@ SCRIPT = textwrap.dedent("""
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(2, 4, 32000, generator=gen) * 3
     y = torch.randint(0, 32000, (2, 4), generator=gen)
-    for eps in (0.002, 0.5):
+    for small, eps in itertools.product((1 << 20, 0), (0.002, 0.5)):
+        usd.torch_backend.SMALL_ELEMENTS = small
         z = u + eps * torch.randn(2, 4, 32000, generator=gen)
         for divergence in ("fkl", "rkl", "jsd"):
             cfg = usd.UniSDConfig(divergence=divergence, temperature=0.7)
@@ -44,9 +51,9 @@ SCRIPT = textwrap.dedent("""
                 usd.unisd_loss(x, u.to(x.dtype), y, config=cfg, impl=impl).loss.backward()
                 grads.append(x.grad.double())
             err = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
-            assert err < 3e-6, (divergence, eps, err)
+            assert err < 3e-6, (small, divergence, eps, err)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs >= 5, graphs
+    assert graphs >= 8, graphs
     print("compiled ok")
 """)
 
@@ -92,7 +99,9 @@ BUFFERS = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_compiled_passes_allocate_no_block_sized_buffer():
     """Inductor's default realize_opcount_threshold stored the shifted sums' terms as a
-    rows x V buffer (and read them back); only the jsd stats pass keeps two such buffers."""
+    rows x V buffer (and read them back); only the jsd stats passes keep two such buffers."""
     counts = dict(line.split() for line in run_compiled(BUFFERS).splitlines())
-    assert len(counts) == 13, counts
-    assert {k: int(v) for k, v in counts.items() if v != "0"} == {"_stats_jsd": 2}, counts
+    assert len(counts) == 16, counts
+    # the one-call passes return the gradient itself, a rows x V tensor
+    assert {k: int(v) for k, v in counts.items() if v != "0"} == {
+        "_stats_jsd": 2, "_stats_grad_fkl": 1, "_stats_grad_rkl": 1, "_stats_grad_jsd": 3}, counts

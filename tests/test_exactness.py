@@ -2,9 +2,10 @@
 logits gradient against float64 of the same inputs, for student = teacher + eps * noise; and
 the masked vocabulary (columns where student and teacher are both -inf).
 
-The full V = 32000 table runs for impl="torch" and the float32 reference; Triton's
-interpreter runs the same targets at V = 4099 (benchmarks/exactness.py prints the V = 32000
-table for every impl)."""
+The full V = 32000 table runs for impl="torch" (its streaming passes at that size) and the
+float32 reference; Triton's interpreter and impl="torch"'s small-input path run the same
+targets at V = 4099 (benchmarks/exactness.py prints the V = 32000 table for every impl).
+"torch-stream" is impl="torch" with the small-input path off (tests/loss_inputs.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from loss_inputs import resolve_impl  # noqa: E402
 
 import unisd_fast as usd  # noqa: E402
 from benchmarks.exactness import (  # noqa: E402
@@ -51,15 +54,16 @@ def test_close_to_teacher_full_vocab(impl, divergence, device):
     check_targets(2, 33, 32000, impl, divergence)
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_close_to_teacher_small_vocab(impl, divergence):
     check_targets(2, 3, 4099, impl, divergence)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "torch-stream", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_gradient_at_the_rounding_floor(impl, dtype):
+def test_low_precision_gradient_at_the_rounding_floor(impl, dtype, monkeypatch):
+    impl = resolve_impl(impl, monkeypatch)
     cfg = usd.UniSDConfig(divergence="jsd" if dtype == torch.float16 else "fkl")
     for eps in (0.01, 0.002):
         inputs = close_inputs(2, 3, 4099, eps, dtype)
@@ -76,7 +80,8 @@ def masked_inputs(V, masked, dtype=torch.float32):
     return z, u, labels
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton", "reference", "reference-fp64"])
+@pytest.mark.parametrize("impl", ["torch", "torch-stream", "triton", "reference",
+                                  "reference-fp64"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_masked_vocabulary_drops_the_masked_columns(impl, divergence, monkeypatch):
     # The first 300 columns (a whole 256-wide tile) and a scattered set are -inf on both
@@ -93,6 +98,7 @@ def test_masked_vocabulary_drops_the_masked_columns(impl, divergence, monkeypatc
                                        torch.zeros_like(labels), cfg, "reference")
     if impl == "reference-fp64":
         z, u, impl = z.double(), u.double(), "reference"
+    impl = resolve_impl(impl, monkeypatch)
     d, g = divergence_and_grad(z, u, labels, cfg, impl)
     assert torch.isfinite(d).all() and torch.isfinite(g).all()
     assert g[..., ~keep].abs().max().item() == 0.0

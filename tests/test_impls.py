@@ -1,18 +1,19 @@
 """Every fused implementation against the float64 reference (docs/losses.md).
 
 On CPU "triton" runs in Triton's interpreter and "torch" eagerly (conftest); on CUDA the same
-tests run the compiled kernels.
+tests run the compiled kernels. "torch-stream" is impl="torch" with its small-input path off
+(``SMALL_ELEMENTS = 0``): every test shape is small, so "torch" alone would only run that path.
 """
 
 import pytest
 import torch
-from loss_inputs import GRAD_SCALE, make_inputs, run_loss
+from loss_inputs import GRAD_SCALE, make_inputs, resolve_impl, run_loss
 
 import unisd_fast as usd
 from unisd_fast.kernels import common
 
 F64 = torch.float64
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "torch-stream", "triton"]
 VOCABS = [7, 257, 1000, 4099]
 OPTIONS = [
     {},
@@ -31,6 +32,11 @@ OPTIONS = [
     "unisd_star",
     "gkd",
 ]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    return resolve_impl(request.param, monkeypatch)
 
 
 def option_id(o):
@@ -62,7 +68,6 @@ def assert_close_to_reference(inputs, cfg, impl, atol=2e-6, rtol=2e-5, **kw):
     return got
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("option", OPTIONS, ids=option_id)
 def test_matches_reference(impl, vocab, option, device):
@@ -71,7 +76,6 @@ def test_matches_reference(impl, vocab, option, device):
     assert_close_to_reference(inputs, cfg, impl, **kw)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_small_tiles_cover_many_partial_blocks(impl, device, monkeypatch):
     monkeypatch.setattr(common, "MAX_BLOCK", 256)
     monkeypatch.setattr(usd.torch_backend, "CHUNK_ELEMENTS_EAGER", 3000)
@@ -93,9 +97,11 @@ def test_gradient_grid_whole_rows_or_vocabulary_chunks(target, device, monkeypat
         assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, "triton")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("K", [2, 3])
-def test_views_as_list_tensor_or_logprobs(impl, K, device):
+@pytest.mark.parametrize("one_call", [True, False], ids=["views_in_one_call", "call_per_view"])
+def test_views_as_list_tensor_or_logprobs(impl, K, one_call, device, monkeypatch):
+    if not one_call:
+        monkeypatch.setattr(usd.fused, "STACK_ELEMENTS", 0)
     cfg = usd.UniSDConfig(agreement="token", agreement_gamma=1.0)
     inputs = make_inputs(B=2, T=4, V=300, K=K, device=device)
     stacked = assert_close_to_reference(inputs, cfg, impl)
@@ -109,7 +115,6 @@ def test_views_as_list_tensor_or_logprobs(impl, K, device):
     assert_close_to_reference(from_lp, cfg, impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_negative_as_logprobs(impl, device):
     cfg = usd.UniSDConfig(contrastive_weight=1.0, contrastive_margin=0.2)
     inputs = make_inputs(B=2, T=4, V=300, device=device)
@@ -120,7 +125,6 @@ def test_negative_as_logprobs(impl, device):
                                "negative_logprobs": lp.float()}, cfg, impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_all_ignored_and_non_finite_ignored_rows(impl, device):
     cfg = usd.UniSDConfig.preset("unisd_star", clip_quantile=0.5)
     inputs = make_inputs(B=2, T=4, V=300, device=device)
@@ -138,7 +142,6 @@ def test_all_ignored_and_non_finite_ignored_rows(impl, device):
     assert_close_to_reference(inputs, cfg, impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_inputs(impl, device):
     cfg = usd.UniSDConfig.preset("unisd_star")
     base = make_inputs(B=2, T=6, V=301, H=8, device=device)
@@ -162,7 +165,6 @@ def test_non_contiguous_inputs(impl, device):
     assert_close_to_reference(strided, cfg, impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_inplace_backward_writes_the_gradient_into_the_logits(impl, device):
     # logits = h W^T as from an lm_head: the in-place gradient lands in the logits buffer and
     # flows on to h and W exactly as the out-of-place one does.
@@ -185,7 +187,6 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(impl, device):
     torch.testing.assert_close(buffer, dlogits)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_within_eager_error(impl, dtype, device):
     cfg = usd.UniSDConfig.preset("unisd_star")
@@ -201,7 +202,6 @@ def test_low_precision_within_eager_error(impl, dtype, device):
         assert (g.double() - t).abs().max().item() <= 2 * eager_err + 1e-7
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_self_distillation_regime_bf16_gradient_relative_error(impl, device):
     cfg = usd.UniSDConfig.preset("unisd_star")
     inputs = make_inputs(B=2, T=8, V=4099, device=device, dtype=torch.bfloat16, noise=0.05)

@@ -47,16 +47,19 @@ SCRIPT = textwrap.dedent("""
         combos.append((divergences[i % 3], 0.1 + 0.04 * i, 0.5 + 0.05 * i, dtypes[i // 3 % 3]))
     assert len(set(combos)) == 20 and len({c[3] for c in combos}) == 3
     for cycle in range(2):
-        for divergence, alpha, tau, dtype in combos:
+        for i, (divergence, alpha, tau, dtype) in enumerate(combos):
             cfg = usd.UniSDConfig(divergence=divergence, jsd_alpha=alpha, temperature=tau,
                                   contrastive_weight=0.1, agreement="token")
             T = 3 + (cycle + int(alpha * 100)) % 4   # varying row counts: dynamic rows
             inputs = make_inputs(B=2, T=T, V=257, dtype=dtype)
+            # every other combination with the small-input path off (the streaming passes)
+            torch_backend.SMALL_ELEMENTS = 0 if i % 2 else 1 << 20
             before = calls[0]
             out, (gz, _) = run_loss(inputs, cfg, "torch")
             assert torch.isfinite(out.loss) and torch.isfinite(gz).all()
-            # stats + gradient + one label pass per view and the negative, all compiled
-            assert calls[0] - before >= 2 + 3 + 1, (calls[0] - before)
+            # stats and gradient (one call or two) + one label pass per view and the
+            # negative, all compiled
+            assert calls[0] - before >= 1 + 3 + 1, (calls[0] - before)
         if cycle == 0:
             first = len(graphs)
     counters = torch._dynamo.utils.counters
@@ -64,7 +67,7 @@ SCRIPT = textwrap.dedent("""
     assert not limit, limit
     assert len(graphs) == first, (first, len(graphs))   # the second cycle compiled nothing
     # one graph per (block function, dtype) at most, plus one per dynamic-shape re-trace
-    assert first <= 2 * (3 + 3 + 1) * 3, first
+    assert first <= 2 * (3 + 3 + 3 + 1) * 3, first
     print("graphs", first, "calls", calls[0], "frames", dict(counters["frames"]))
     print("stayed compiled")
 """)

@@ -74,12 +74,11 @@ class RowScales(NamedTuple):
 def row_scales(mask, cfg, view_lp, num_items_in_batch) -> RowScales:
     """Agreement weights and normalisers (B, T): they depend on the labels and views only."""
     m = mask.float()
-    if cfg.agreement != "none":
-        w = agreement_weights(torch.where(mask, view_lp.float(), 0.0), mask, cfg)
-    else:
-        w = m
-    return RowScales(w, token_scale(w, cfg.normalize, num_items_in_batch),
-                     token_scale(m, cfg.normalize, num_items_in_batch))
+    token = token_scale(m, cfg.normalize, num_items_in_batch)
+    if cfg.agreement == "none":
+        return RowScales(m, token, token)
+    w = agreement_weights(torch.where(mask, view_lp.float(), 0.0), mask, cfg)
+    return RowScales(w, token_scale(w, cfg.normalize, num_items_in_batch), token)
 
 
 class RowCoefficients(NamedTuple):
@@ -96,8 +95,12 @@ def row_coefficients(d, s_lab, t_lab, b_lab, mask, c, scales: RowScales, cfg):
     """``ck = kd_weight * kd_scale * (not clipped)`` and ``cc = lambda_c * scale * g`` of any
     subset of rows, given the clip constant ``c`` (None: off) and the negative's label
     log-probs ``b_lab`` (0 on ignored rows; unused without contrastive term)."""
-    clipped = mask & (d > c) if c is not None else torch.zeros_like(mask)
-    ck = cfg.kd_weight * scales.kd * (~clipped)
+    if c is None:
+        clipped = torch.zeros_like(mask)
+        ck = cfg.kd_weight * scales.kd
+    else:
+        clipped = mask & (d > c)
+        ck = cfg.kd_weight * scales.kd * (~clipped)
     if cfg.contrastive_weight > 0:
         value, sign = hinge(s_lab, t_lab, b_lab, cfg.contrastive_margin)
         return RowCoefficients(ck, cfg.contrastive_weight * scales.token * sign, clipped, value)

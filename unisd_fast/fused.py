@@ -2,7 +2,9 @@
 
 Forward runs the stats pass and the length-N coefficient step (``coefficients.py``); backward
 runs the gradient pass with grad_output folded into the two per-row coefficients, so the
-logits are read twice and the gradient written once in all (docs/kernels.md).
+logits are read twice and the gradient written once in all (docs/kernels.md). For small
+inputs a backend's ``row_stats_and_grad`` returns the divergence gradient from the forward's
+one call, and the backward only scales it (``scaled_grad``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from torch.autograd.function import once_differentiable
 from . import coefficients as co
 from .backend import RowBackend, RowStats
 from .config import UniSDConfig
+
+STACK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class FusedCall:
     teacher_hidden: torch.Tensor | None = None
     num_items_in_batch: float | torch.Tensor | None = None
     inplace_backward: bool = False
+    needs_grad: bool = True
 
 
 @dataclass
@@ -88,18 +93,50 @@ def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):
     return backend.label_logprob(x, labels, tau=tau, ignore_index=cfg.ignore_index)
 
 
+def score_views(backend: RowBackend, views, labels, cfg: UniSDConfig):
+    """(K, B, T) label log-probs of the K views: one call on the views stacked along the
+    batch when they hold at most STACK_ELEMENTS logits in all (the stacking copies them; at
+    that size a call's overhead costs more than the copy), one call per view otherwise."""
+    if sum(v.numel() for v in views) > STACK_ELEMENTS:
+        return torch.stack([score(backend, v, labels, cfg.view_temperature, cfg)
+                            for v in views])
+    lp = score(backend, torch.cat(views), labels.repeat(len(views), 1), cfg.view_temperature,
+               cfg)
+    return lp.view(len(views), *labels.shape)
+
+
+def scaled_grad(z, labels, stats: RowStats, grad_rows, ck, cc, cfg: UniSDConfig):
+    """The logits gradient from the divergence gradient ``grad_rows`` the forward computed
+    (d D / d z per row, 0 on ignored rows; ``row_stats_and_grad``): ck * grad_rows plus the
+    hinge's cc * (onehot(y) - p_S) / tau, 0 on rows with ck = cc = 0; float32."""
+    g = grad_rows * ck.unsqueeze(-1)
+    if cfg.contrastive_weight > 0:
+        c = (cc / cfg.temperature).unsqueeze(-1)
+        p_s = torch.exp(z.float() / cfg.temperature - stats.lse_s.unsqueeze(-1))
+        g.sub_(c * p_s)
+        g.scatter_add_(-1, torch.where(labels != cfg.ignore_index, labels, 0).long()
+                       .unsqueeze(-1), c)
+    return g.masked_fill_(((ck == 0) & (cc == 0)).unsqueeze(-1), 0.0)
+
+
 class UniSDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, student_hidden, call: FusedCall):
         cfg, backend, labels = call.config, call.backend, call.labels
         mask = labels != cfg.ignore_index
-        stats = backend.row_stats(
-            student_logits, call.teacher_logits, labels, divergence=cfg.divergence,
-            tau=cfg.temperature, alpha=cfg.jsd_alpha, ignore_index=cfg.ignore_index)
+        scalars = {"divergence": cfg.divergence, "tau": cfg.temperature,
+                   "alpha": cfg.jsd_alpha, "ignore_index": cfg.ignore_index}
+        both = getattr(backend, "row_stats_and_grad", None)
+        found = both(student_logits, call.teacher_logits, labels, **scalars) \
+            if both is not None and call.needs_grad else None
+        if found is None:
+            stats, grad_rows = backend.row_stats(student_logits, call.teacher_logits, labels,
+                                                 **scalars), None
+        else:
+            stats, grad_rows = found
         view_lp = call.view_logprobs
         if cfg.agreement != "none" and view_lp is None:
-            view_lp = torch.stack([score(backend, v, labels, cfg.view_temperature, cfg)
-                                   for v in call.views])
+            view_lp = score_views(backend, call.views, labels, cfg)
         negative_lp = call.negative_logprobs
         if cfg.contrastive_weight > 0 and negative_lp is None:
             negative_lp = score(backend, call.negative_logits, labels, cfg.temperature, cfg)
@@ -107,7 +144,7 @@ class UniSDFunction(torch.autograd.Function):
                       call.teacher_hidden, call.num_items_in_batch)
 
         ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats, out.ck,
-                              out.cc, out.hidden_grad)
+                              out.cc, out.hidden_grad, grad_rows)
         ctx.call = call
         ctx.hidden_dtype = None if student_hidden is None else student_hidden.dtype
         ctx.mark_non_differentiable(out.kd, out.contrastive, out.feature, out.divergence,
@@ -119,12 +156,15 @@ class UniSDFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *_):
         z, u, labels, *saved = ctx.saved_tensors
-        stats, (ck, cc, hidden_grad) = RowStats(*saved[:7]), saved[7:]
+        stats, (ck, cc, hidden_grad, grad_rows) = RowStats(*saved[:7]), saved[7:]
         call = ctx.call
         cfg = call.config
         grad_z = grad_h = None
         g = grad_loss.float()
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_rows is not None:
+            grad_z = scaled_grad(z, labels, stats, grad_rows, ck * g, cc * g, cfg)
+            grad_z = z.copy_(grad_z) if call.inplace_backward else grad_z.to(z.dtype)
+        elif ctx.needs_input_grad[0]:
             grad_z = z if call.inplace_backward else torch.empty(z.shape, dtype=z.dtype,
                                                                  device=z.device)
             call.backend.write_grad(z, u, labels, grad_z, stats, ck * g, cc * g,
@@ -153,5 +193,6 @@ def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
         labels=labels, views=None if views is None else [unit_stride(v) for v in views],
         view_logprobs=view_logprobs, negative_logits=unit_stride(negative_logits),
         negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
-        num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward)
+        num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward,
+        needs_grad=torch.is_grad_enabled() and student_logits.requires_grad)
     return UniSDFunction.apply(unit_stride(student_logits), student_hidden, call)

@@ -6,8 +6,9 @@ time, so no float32 tokens x vocab temporary is alive beyond one block (about
 ``CHUNK_ELEMENTS`` elements; compiled, none but two in the jsd stats pass: the compiler fuses
 each pass into one loop) and the gradient itself. The per-block math follows docs/losses.md
 ("Accuracy when the student is close to the teacher") and is compiled with ``torch.compile``
-where the compiler works; ``UNISD_FAST_COMPILE=0`` runs it eagerly. docs/kernels.md describes
-the passes.
+where the compiler works; ``UNISD_FAST_COMPILE=0`` runs it eagerly. Inputs of at most
+``SMALL_ELEMENTS`` logits that need a gradient take one call instead (``row_stats_and_grad``).
+docs/kernels.md describes the passes.
 
 Compile state lives in a ``TorchBackend`` instance. Run-time scalars (tau, alpha) enter the
 compiled functions as 0-dim tensors and each divergence has its own function, so a process
@@ -29,6 +30,10 @@ from .stable import expm1_minus_x_series, jsd_remainder, log1p_alpha_expm1, shif
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
 COMPILE_MIN_ELEMENTS = 1 << 12
+# Up to this many logits the forward also computes the divergence gradient (one compiled call
+# instead of two, the backward a scaling): below it the per-call overhead, not the logits
+# traffic, sets the time, and the extra float32 tokens x vocab tensor is at most 4 MiB.
+SMALL_ELEMENTS = 1 << 20
 SCALAR_CACHE_SIZE = 64
 # Inductor stores a pointwise result of more than 30 ops that feeds a reduction as a
 # block-sized buffer and reads it back (its default realize_opcount_threshold); the shifted
@@ -161,7 +166,8 @@ def _label_block(x, y, keep, tau):
 #   rkl: G = p_S (-r - D)
 #   jsd: G = (1-a) p_S (-log1p(a expm1(r)) - AUX)
 # Columns where both sides are -inf get 0; one-sided -inf columns use r = lp_T - lp_S.
-def _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence: str):
+# _divergence_grad returns (G, p_S).
+def _divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence: str):
     zf = z.float()
     uf = u.float()
     both, one = _columns(zf, uf)
@@ -180,11 +186,37 @@ def _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergenc
     else:
         lms = log1p_alpha_expm1(r, torch.log(alpha), torch.log1p(-alpha))
         g_div = (1 - alpha) * _xlogy_terms(p_s, -lms - aux.unsqueeze(-1))
+    return g_div, p_s
+
+
+def _grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence: str):
+    g_div, p_s = _divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence)
     cols = torch.arange(z.shape[-1], device=z.device)
     onehot = (cols == y.unsqueeze(-1)).float()
     g = (ck.unsqueeze(-1) * g_div + cc.unsqueeze(-1) * (onehot - p_s)) / tau
     active = ((ck != 0) | (cc != 0)).unsqueeze(-1)
     out.copy_(torch.where(active, g, 0.0))
+
+
+# The small-input pass: the stats of _stats and, from them in the same call, G / tau of
+# _divergence_grad (0 on ignored rows), which the backward scales by ck (see row_stats_and_grad).
+def _stats_grad(z, u, y, keep, tau, alpha, divergence: str):
+    stats = _stats(z, u, y, keep, tau, alpha, divergence)
+    lse_s, lse_t, d, aux, _, _, gap = stats.unbind(0)
+    g_div, _ = _divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence)
+    return stats, torch.where(keep.unsqueeze(-1), g_div / tau, 0.0)
+
+
+def _stats_grad_fkl(z, u, y, keep, tau, alpha):
+    return _stats_grad(z, u, y, keep, tau, alpha, "fkl")
+
+
+def _stats_grad_rkl(z, u, y, keep, tau, alpha):
+    return _stats_grad(z, u, y, keep, tau, alpha, "rkl")
+
+
+def _stats_grad_jsd(z, u, y, keep, tau, alpha):
+    return _stats_grad(z, u, y, keep, tau, alpha, "jsd")
 
 
 def _grad_fkl(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
@@ -228,11 +260,12 @@ def _grad_into_u_jsd(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
 
 
 STATS = {"fkl": _stats_fkl, "rkl": _stats_rkl, "jsd": _stats_jsd}
+STATS_GRADS = {"fkl": _stats_grad_fkl, "rkl": _stats_grad_rkl, "jsd": _stats_grad_jsd}
 GRADS = {"fkl": _grad_fkl, "rkl": _grad_rkl, "jsd": _grad_jsd}
 GRADS_INTO_Z = {"fkl": _grad_into_z_fkl, "rkl": _grad_into_z_rkl, "jsd": _grad_into_z_jsd}
 GRADS_INTO_U = {"fkl": _grad_into_u_fkl, "rkl": _grad_into_u_rkl, "jsd": _grad_into_u_jsd}
-BLOCK_FUNCTIONS = (*STATS.values(), *GRADS.values(), *GRADS_INTO_Z.values(),
-                   *GRADS_INTO_U.values(), _label_block)
+BLOCK_FUNCTIONS = (*STATS.values(), *STATS_GRADS.values(), *GRADS.values(),
+                   *GRADS_INTO_Z.values(), *GRADS_INTO_U.values(), _label_block)
 
 
 def _same_view(a, b) -> bool:
@@ -356,6 +389,20 @@ class TorchBackend:
 
         outs = self._blocks(block, B * T, V, (7, B * T), torch.float32, z.device)
         return RowStats(*outs.view(7, B, T).unbind(0))
+
+    def row_stats_and_grad(self, z, u, labels, *, divergence: str, tau: float, alpha: float,
+                           ignore_index: int):
+        """For inputs of at most SMALL_ELEMENTS logits: ``row_stats`` and, from the same call,
+        the float32 (B, T, V) gradient of each row's divergence over tau, d D / d z (0 on
+        ignored rows). None for larger inputs (use ``row_stats`` and ``write_grad``)."""
+        B, T, V = z.shape
+        n = B * T
+        if n * V > SMALL_ELEMENTS:
+            return None
+        y = labels.reshape(n)
+        stats, grad = self._run(STATS_GRADS[divergence], z.reshape(n, V), u.reshape(n, V), y,
+                                y != ignore_index, self._scalar(tau, z), self._scalar(alpha, z))
+        return RowStats(*stats.view(7, B, T).unbind(0)), grad.view(B, T, V)
 
     def label_logprob(self, x, labels, *, tau: float, ignore_index: int):
         """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
