@@ -3,7 +3,8 @@
 Two backends satisfy it: ``unisd_fast.kernels`` (Triton, CUDA or the interpreter) and
 ``unisd_fast.torch_backend`` (PyTorch over row blocks, the CPU path). A backend may also offer
 ``row_stats_and_grad`` (the CPU one does): ``row_stats`` plus the divergence gradient from the
-same call, or None where it declines (large inputs); the Function uses it when present.
+same call and whether that gradient is known to be finite, or None where it declines (large
+inputs); the Function uses it when present.
 Every tensor argument is a (B, T, ...) tensor read through its batch and time strides, so
 views such as ``logits[:, :-1]`` need no copy. docs/kernels.md describes the passes.
 """

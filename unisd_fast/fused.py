@@ -105,10 +105,11 @@ def score_views(backend: RowBackend, views, labels, cfg: UniSDConfig):
     return lp.view(len(views), *labels.shape)
 
 
-def scaled_grad(z, labels, stats: RowStats, grad_rows, ck, cc, cfg: UniSDConfig):
+def scaled_grad(z, labels, stats: RowStats, grad_rows, finite: bool, ck, cc, cfg: UniSDConfig):
     """The logits gradient from the divergence gradient ``grad_rows`` the forward computed
     (d D / d z per row, 0 on ignored rows; ``row_stats_and_grad``): ck * grad_rows plus the
-    hinge's cc * (onehot(y) - p_S) / tau, 0 on rows with ck = cc = 0; float32."""
+    hinge's cc * (onehot(y) - p_S) / tau, 0 on rows with ck = cc = 0; float32. Those rows
+    are zeroed explicitly unless ``grad_rows`` is known to be ``finite`` (then 0 * G is 0)."""
     g = grad_rows * ck.unsqueeze(-1)
     if cfg.contrastive_weight > 0:
         c = (cc / cfg.temperature).unsqueeze(-1)
@@ -116,6 +117,8 @@ def scaled_grad(z, labels, stats: RowStats, grad_rows, ck, cc, cfg: UniSDConfig)
         g.sub_(c * p_s)
         g.scatter_add_(-1, torch.where(labels != cfg.ignore_index, labels, 0).long()
                        .unsqueeze(-1), c)
+    if finite and cfg.contrastive_weight == 0:
+        return g
     return g.masked_fill_(((ck == 0) & (cc == 0)).unsqueeze(-1), 0.0)
 
 
@@ -130,10 +133,10 @@ class UniSDFunction(torch.autograd.Function):
         found = both(student_logits, call.teacher_logits, labels, **scalars) \
             if both is not None and call.needs_grad else None
         if found is None:
-            stats, grad_rows = backend.row_stats(student_logits, call.teacher_logits, labels,
-                                                 **scalars), None
+            stats = backend.row_stats(student_logits, call.teacher_logits, labels, **scalars)
+            grad_rows, finite = None, False
         else:
-            stats, grad_rows = found
+            stats, grad_rows, finite = found
         view_lp = call.view_logprobs
         if cfg.agreement != "none" and view_lp is None:
             view_lp = score_views(backend, call.views, labels, cfg)
@@ -146,6 +149,7 @@ class UniSDFunction(torch.autograd.Function):
         ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats, out.ck,
                               out.cc, out.hidden_grad, grad_rows)
         ctx.call = call
+        ctx.finite = finite
         ctx.hidden_dtype = None if student_hidden is None else student_hidden.dtype
         ctx.mark_non_differentiable(out.kd, out.contrastive, out.feature, out.divergence,
                                     out.weight, out.clipped)
@@ -162,7 +166,7 @@ class UniSDFunction(torch.autograd.Function):
         grad_z = grad_h = None
         g = grad_loss.float()
         if ctx.needs_input_grad[0] and grad_rows is not None:
-            grad_z = scaled_grad(z, labels, stats, grad_rows, ck * g, cc * g, cfg)
+            grad_z = scaled_grad(z, labels, stats, grad_rows, ctx.finite, ck * g, cc * g, cfg)
             grad_z = z.copy_(grad_z) if call.inplace_backward else grad_z.to(z.dtype)
         elif ctx.needs_input_grad[0]:
             grad_z = z if call.inplace_backward else torch.empty(z.shape, dtype=z.dtype,

@@ -25,7 +25,13 @@ import warnings
 import torch
 
 from .backend import RowStats
-from .stable import expm1_minus_x_series, jsd_remainder, log1p_alpha_expm1, shifted_kl
+from .stable import (
+    EXPM1_SERIES_MAX,
+    expm1_minus_x_series,
+    jsd_remainder,
+    log1p_alpha_expm1,
+    shifted_kl,
+)
 
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS_EAGER = 1 << 22
@@ -207,6 +213,58 @@ def _stats_grad(z, u, y, keep, tau, alpha, divergence: str):
     return stats, torch.where(keep.unsqueeze(-1), g_div / tau, 0.0)
 
 
+# The small-input pass of fkl and rkl on rows of finite logits. With p the teacher's
+# distribution (fkl; the student's for rkl) and dx the other side's log-ratio over it
+# ((z - u) / tau for fkl, (u - z) / tau for rkl), shift by the p-mean mu = E_p[dx]:
+# x = dx - mu has E_p[x] ~ 0, so E_p[e^x] >= 1 (Jensen) and the shifted sums never need the
+# textbook fallback of _stats. Then D, L = shifted_kl(p, x); the other side's log-sum-exp is
+# lse_p + mu + L; e = x - L is the log-ratio of the normalised pair (lp_other - lp_p), and
+#   fkl: G = p_S - p_T = p_T expm1(e)      (p_T e^e - p_T where |e| >= 0.5)
+#   rkl: G = p_S (lp_S - lp_T - D) = -p_S (e + D).
+# Returns _stats_grad's pair and a per-row ok flag: False on a kept row where anything is
+# not finite (a non-finite or -inf input), whose block the caller runs through _stats_grad.
+def _stats_grad_shifted(z, u, y, keep, tau, divergence: str):
+    y = torch.where(keep, y, 0).long().unsqueeze(-1)
+    zf = z.float()
+    uf = u.float()
+    base, other = (uf, zf) if divergence == "fkl" else (zf, uf)
+    b = base / tau
+    lse_p = _logsumexp(b)
+    lp = b - lse_p
+    p = lp.exp()
+    dx = (other - base) / tau
+    mu = (p * dx).sum(-1, keepdim=True, dtype=torch.float64).to(p.dtype)
+    x = dx - mu
+    d, lg, near = shifted_kl(p, x, lp + x)
+    shift = mu + lg.unsqueeze(-1)
+    e = x - lg.unsqueeze(-1)
+    if divergence == "fkl":
+        lse_s, lse_t = lse_p + shift, lse_p
+        small = e.abs() < EXPM1_SERIES_MAX
+        es = torch.where(small, e, 0.0)
+        g = torch.where(small, p * (es + expm1_minus_x_series(es)), torch.exp(lp + e) - p)
+        gap = shift.squeeze(-1)
+    else:
+        lse_s, lse_t = lse_p, lse_p + shift
+        g = -p * (e + d.unsqueeze(-1))
+        gap = -shift.squeeze(-1)
+    s_lab = (zf.gather(-1, y) / tau - lse_s).squeeze(-1)
+    t_lab = (uf.gather(-1, y) / tau - lse_t).squeeze(-1)
+    values = torch.stack((lse_s.squeeze(-1), lse_t.squeeze(-1), d, torch.zeros_like(d), s_lab,
+                          t_lab, gap))
+    ok = near & d.isfinite() & gap.isfinite() & lse_p.squeeze(-1).isfinite()
+    return (torch.where(keep, values, 0.0), torch.where(keep.unsqueeze(-1), g / tau, 0.0),
+            ok | ~keep)
+
+
+def _stats_grad_shifted_fkl(z, u, y, keep, tau, alpha):
+    return _stats_grad_shifted(z, u, y, keep, tau, "fkl")
+
+
+def _stats_grad_shifted_rkl(z, u, y, keep, tau, alpha):
+    return _stats_grad_shifted(z, u, y, keep, tau, "rkl")
+
+
 def _stats_grad_fkl(z, u, y, keep, tau, alpha):
     return _stats_grad(z, u, y, keep, tau, alpha, "fkl")
 
@@ -261,10 +319,12 @@ def _grad_into_u_jsd(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha):
 
 STATS = {"fkl": _stats_fkl, "rkl": _stats_rkl, "jsd": _stats_jsd}
 STATS_GRADS = {"fkl": _stats_grad_fkl, "rkl": _stats_grad_rkl, "jsd": _stats_grad_jsd}
+STATS_GRADS_SHIFTED = {"fkl": _stats_grad_shifted_fkl, "rkl": _stats_grad_shifted_rkl}
 GRADS = {"fkl": _grad_fkl, "rkl": _grad_rkl, "jsd": _grad_jsd}
 GRADS_INTO_Z = {"fkl": _grad_into_z_fkl, "rkl": _grad_into_z_rkl, "jsd": _grad_into_z_jsd}
 GRADS_INTO_U = {"fkl": _grad_into_u_fkl, "rkl": _grad_into_u_rkl, "jsd": _grad_into_u_jsd}
-BLOCK_FUNCTIONS = (*STATS.values(), *STATS_GRADS.values(), *GRADS.values(),
+BLOCK_FUNCTIONS = (*STATS.values(), *STATS_GRADS.values(), *STATS_GRADS_SHIFTED.values(),
+                   *GRADS.values(),
                    *GRADS_INTO_Z.values(), *GRADS_INTO_U.values(), _label_block)
 
 
@@ -394,18 +454,35 @@ class TorchBackend:
                            ignore_index: int):
         """For inputs of at most SMALL_ELEMENTS logits: ``row_stats`` and, from the same call,
         the float32 (B, T, V) gradient of each row's divergence over tau, d D / d z (0 on
-        ignored rows). None for larger inputs (use ``row_stats`` and ``write_grad``)."""
+        ignored rows), and whether that gradient is known to be finite. None for larger inputs
+        (use ``row_stats`` and ``write_grad``). On CPU, fkl and rkl take the mean-shifted pass,
+        whose gradient is finite, and the general one only when a kept row holds a non-finite
+        value (its flag is read on the host: free on CPU, a sync on a GPU)."""
         B, T, V = z.shape
         n = B * T
         if n * V > SMALL_ELEMENTS:
             return None
         y = labels.reshape(n)
-        stats, grad = self._run(STATS_GRADS[divergence], z.reshape(n, V), u.reshape(n, V), y,
-                                y != ignore_index, self._scalar(tau, z), self._scalar(alpha, z))
-        return RowStats(*stats.view(7, B, T).unbind(0)), grad.view(B, T, V)
+        args = (z.reshape(n, V), u.reshape(n, V), y, y != ignore_index, self._scalar(tau, z),
+                self._scalar(alpha, z))
+        shifted = STATS_GRADS_SHIFTED.get(divergence) if z.device.type == "cpu" else None
+        finite = False
+        if shifted is not None:
+            stats, grad, ok = self._run(shifted, *args)
+            finite = bool(ok.all())
+        if not finite:
+            stats, grad = self._run(STATS_GRADS[divergence], *args)
+        return RowStats(*stats.view(7, B, T).unbind(0)), grad.view(B, T, V), finite
 
     def label_logprob(self, x, labels, *, tau: float, ignore_index: int):
-        """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
+        """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows. CPU
+        inputs of at most SMALL_ELEMENTS logits take ATen's log_softmax, which at that size
+        is about twice as fast as a compiled call."""
+        if x.device.type == "cpu" and x.numel() <= SMALL_ELEMENTS:
+            keep = labels != ignore_index
+            y = torch.where(keep, labels, 0).long().unsqueeze(-1)
+            lp = torch.log_softmax(x.float() / tau, -1).gather(-1, y).squeeze(-1)
+            return torch.where(keep, lp, 0.0)
         B, T, V = x.shape
         xr, yr = Rows(x), Rows(labels)
         tau_t = self._scalar(tau, x)
