@@ -10,6 +10,7 @@ import torch
 from loss_inputs import GRAD_SCALE, make_inputs, resolve_impl, run_loss
 
 import unisd_fast as usd
+from unisd_fast import small
 from unisd_fast.kernels import common
 
 F64 = torch.float64
@@ -227,7 +228,8 @@ def test_compiler_failure_at_run_time_falls_back_to_eager(monkeypatch):
     chunked = usd.torch_backend
     backend = chunked.default_backend()
     monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(backend, "compiled", {fn: broken for fn in chunked.BLOCK_FUNCTIONS})
+    functions = (*chunked.BLOCK_FUNCTIONS, *small.WHOLE.values())
+    monkeypatch.setattr(backend, "compiled", {fn: broken for fn in functions})
     cfg = usd.UniSDConfig.preset("unisd_star")
     with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
         assert_close_to_reference(make_inputs(B=2, T=4, V=300), cfg, "torch")

@@ -163,3 +163,55 @@ def test_inactive_rows_stay_zero_when_a_logit_is_infinite(small, monkeypatch):
     out, (dz, dh) = run_loss(inputs, cfg, "torch")
     assert out.kd.isnan()  # the NaN is reported in the loss, not in the inactive rows
     assert (dz == 0).all() and torch.isfinite(dh).all()
+
+
+def path_of(out):
+    """Which autograd Function produced the loss: the whole-loss call or the fused passes."""
+    return type(out.loss.grad_fn).__name__.removesuffix("Backward")
+
+
+@pytest.mark.parametrize("preset", ["sd", "gkd", "clip", "agreement", "unisd_star"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_inputs_run_the_whole_loss_in_one_call(preset, dtype, monkeypatch):
+    """The whole-loss path (small.py) against the two streaming passes of the fused Function:
+    same loss, diagnostics and gradients."""
+    torch.manual_seed(0)
+    inputs = make_inputs(2, 5, 300, dtype=dtype)
+    cfg = UniSDConfig.preset(preset)
+    out, (dz, dh) = run_loss(inputs, cfg, "torch")
+    assert path_of(out) == "GradientFunction" and dz.dtype == dtype
+    monkeypatch.setattr(tb, "SMALL_ELEMENTS", 0)
+    ref, (dz_ref, dh_ref) = run_loss(inputs, cfg, "torch")
+    assert path_of(ref) == "UniSDFunction"
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
+    for name in ("loss", "kd", "contrastive", "feature", "token_divergence", "token_weight"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), **tol, msg=name)
+    assert torch.equal(out.clipped, ref.clipped)
+    torch.testing.assert_close(dz.float(), dz_ref.float(), **tol)
+    torch.testing.assert_close(dh, dh_ref, **tol)
+
+
+def test_a_flagged_row_sends_the_call_to_the_fused_function():
+    torch.manual_seed(0)
+    inputs = make_inputs(2, 4, 300)
+    inputs["student_logits"][0, 0, 5] = float("inf")
+    out, _ = run_loss(inputs, UniSDConfig.preset("sd"), "torch")
+    assert path_of(out) == "UniSDFunction"
+
+
+def test_whole_loss_writes_the_gradient_in_place_and_scales_it():
+    torch.manual_seed(0)
+    inputs = make_inputs(2, 4, 300)
+    cfg = UniSDConfig.preset("unisd_star")
+    args = {k: v for k, v in inputs.items() if k not in ("student_logits", "student_hidden")}
+    grads = []
+    for inplace in (False, True):
+        z = inputs["student_logits"].clone().requires_grad_()
+        h = inputs["student_hidden"].clone().requires_grad_()
+        out = usd.unisd_loss(z * 1, student_hidden=h, config=cfg, impl="torch",
+                             inplace_backward=inplace, **args)
+        assert path_of(out) == "GradientFunction"
+        (3.0 * out.loss).backward()
+        grads.append((z.grad, h.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)

@@ -30,7 +30,7 @@ def masked_quantile(values, mask, q: float):
     pos = q * last.to(flat.dtype)
     lo = torch.clamp(pos.floor().long(), max=last)
     hi = torch.clamp(pos.ceil().long(), max=last)
-    low, high = ordered[lo], ordered[hi]
+    low, high = ordered.gather(0, lo.view(1)).view(()), ordered.gather(0, hi.view(1)).view(())
     value = low + (pos - lo.to(flat.dtype)) * (high - low)
     return torch.where(n > 0, value, torch.zeros_like(value))
 

@@ -105,15 +105,17 @@ def score_views(backend: RowBackend, views, labels, cfg: UniSDConfig):
     return lp.view(len(views), *labels.shape)
 
 
-def scaled_grad(z, labels, stats: RowStats, grad_rows, finite: bool, ck, cc, cfg: UniSDConfig):
+def scaled_grad(z, labels, stats: RowStats, grad_rows, finite: bool, ck, cc, tau,
+                cfg: UniSDConfig):
     """The logits gradient from the divergence gradient ``grad_rows`` the forward computed
     (d D / d z per row, 0 on ignored rows; ``row_stats_and_grad``): ck * grad_rows plus the
     hinge's cc * (onehot(y) - p_S) / tau, 0 on rows with ck = cc = 0; float32. Those rows
-    are zeroed explicitly unless ``grad_rows`` is known to be ``finite`` (then 0 * G is 0)."""
+    are zeroed explicitly unless ``grad_rows`` is known to be ``finite`` (then 0 * G is 0).
+    ``tau`` is the temperature, a float or a 0-dim tensor."""
     g = grad_rows * ck.unsqueeze(-1)
     if cfg.contrastive_weight > 0:
-        c = (cc / cfg.temperature).unsqueeze(-1)
-        p_s = torch.exp(z.float() / cfg.temperature - stats.lse_s.unsqueeze(-1))
+        c = (cc / tau).unsqueeze(-1)
+        p_s = torch.exp(z.float() / tau - stats.lse_s.unsqueeze(-1))
         g.sub_(c * p_s)
         g.scatter_add_(-1, torch.where(labels != cfg.ignore_index, labels, 0).long()
                        .unsqueeze(-1), c)
@@ -166,7 +168,8 @@ class UniSDFunction(torch.autograd.Function):
         grad_z = grad_h = None
         g = grad_loss.float()
         if ctx.needs_input_grad[0] and grad_rows is not None:
-            grad_z = scaled_grad(z, labels, stats, grad_rows, ctx.finite, ck * g, cc * g, cfg)
+            grad_z = scaled_grad(z, labels, stats, grad_rows, ctx.finite, ck * g, cc * g,
+                                 cfg.temperature, cfg)
             grad_z = z.copy_(grad_z) if call.inplace_backward else grad_z.to(z.dtype)
         elif ctx.needs_input_grad[0]:
             grad_z = z if call.inplace_backward else torch.empty(z.shape, dtype=z.dtype,
@@ -187,9 +190,11 @@ def unit_stride(x):
 def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
                 config: UniSDConfig, views=None, view_logprobs=None, negative_logits=None,
                 negative_logprobs=None, student_hidden=None, teacher_hidden=None,
-                num_items_in_batch=None, inplace_backward=False):
+                num_items_in_batch=None, inplace_backward=False, first=None):
     """Run UniSDFunction; returns its seven outputs (loss, kd, contrastive, feature, D, w,
-    clipped). Tensors whose last dimension is strided are made contiguous first."""
+    clipped). Tensors whose last dimension is strided are made contiguous first. ``first``,
+    a function ``(FusedCall, student_logits, student_hidden) -> outputs or None``, is tried
+    before UniSDFunction (the CPU path's whole-loss call for small inputs, small.py)."""
     if inplace_backward and student_logits.stride(-1) != 1:
         raise ValueError("inplace_backward=True needs student_logits with a unit last stride")
     call = FusedCall(
@@ -199,4 +204,6 @@ def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
         negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
         num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward,
         needs_grad=torch.is_grad_enabled() and student_logits.requires_grad)
-    return UniSDFunction.apply(unit_stride(student_logits), student_hidden, call)
+    z = unit_stride(student_logits)
+    found = None if first is None else first(call, z, student_hidden)
+    return found if found is not None else UniSDFunction.apply(z, student_hidden, call)

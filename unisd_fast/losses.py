@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import torch_backend
+from . import small, torch_backend
 from .config import UniSDConfig
 from .fused import unisd_fused
 from .reference import unisd_loss_reference
@@ -130,16 +130,17 @@ def unisd_loss(
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
         )
         return UniSDOutput(**out)
+    first = None
     if which == "triton":
         from . import kernels as backend
     else:
-        backend = torch_backend.default_backend()
+        backend, first = torch_backend.default_backend(), small.run
     parts = unisd_fused(
         student_logits, teacher_logits, labels, backend=backend, config=cfg, views=views,
         view_logprobs=view_logprobs, negative_logits=negative_logits,
         negative_logprobs=negative_logprobs, student_hidden=student_hidden,
         teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
-        inplace_backward=inplace_backward,
+        inplace_backward=inplace_backward, first=first,
     )
     return UniSDOutput(*parts)
 

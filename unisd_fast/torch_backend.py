@@ -376,10 +376,11 @@ class TorchBackend:
             compile = os.environ.get("UNISD_FAST_COMPILE", "1") != "0"
         self.compiled: dict = {}
         self.scalars: dict = {}
+        self.compile_args = {"backend": compiler,
+                             "options": INDUCTOR_OPTIONS if compiler == "inductor" else None}
         if compile:
             try:
-                options = INDUCTOR_OPTIONS if compiler == "inductor" else None
-                self.compiled = {fn: torch.compile(fn, backend=compiler, options=options)
+                self.compiled = {fn: torch.compile(fn, **self.compile_args)
                                  for fn in BLOCK_FUNCTIONS}
             except Exception:  # noqa: BLE001 - no working compiler: stay eager
                 self.compiled = {}
@@ -394,13 +395,18 @@ class TorchBackend:
         rows = max(1, budget // vocab)
         return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
 
-    def _run(self, fn, *args):
-        """fn on 2-D row blocks, compiled with a dynamic row count where possible. Blocks
-        under COMPILE_MIN_ELEMENTS run eagerly: there compiling costs more than it saves."""
+    def _run(self, fn, *args, mark_rows=True):
+        """fn on 2-D row blocks, compiled with a dynamic row count where possible (rows marked
+        dynamic unless ``mark_rows`` is False: then dynamo makes a size dynamic when it first
+        changes, one recompile). A compiling instance compiles a function beyond
+        BLOCK_FUNCTIONS on its first call (the whole-loss functions of small.py). Blocks under
+        COMPILE_MIN_ELEMENTS run eagerly: there compiling costs more than it saves."""
         compiled = self.compiled.get(fn)
+        if compiled is None and self.compiled:
+            compiled = self.compiled[fn] = torch.compile(fn, **self.compile_args)
         if compiled is None or args[0].numel() < COMPILE_MIN_ELEMENTS:
             return fn(*args)
-        for a in args:
+        for a in args if mark_rows else ():
             if isinstance(a, torch.Tensor) and a.dim() > 0:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
         try:

@@ -1,0 +1,133 @@
+"""Small CPU inputs in one call: stats, coefficient step and gradients together.
+
+For CPU inputs of at most ``torch_backend.SMALL_ELEMENTS`` logits whose student needs a
+gradient, the whole fused loss runs as one function per divergence, compiled by the
+``TorchBackend`` (``whole_fkl``, ...): the one-call stats-and-gradient pass (mean-shifted for
+fkl and rkl), the label log-probs of the views and the negative, the coefficient step of
+``fused.combine`` and the final logits and hidden-state gradients. ``GradientFunction``'s
+backward only multiplies those by grad_output. At these sizes the time goes to per-call
+overhead, so one compiled call instead of one per step is what matters (docs/kernels.md).
+A call whose shifted pass flags a row (a non-finite logit) is declined, and
+``fused.UniSDFunction`` runs it instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fused
+from . import torch_backend as tb
+from .backend import RowStats
+
+
+def _label_logprobs(x, yy, keep, tau):
+    """log softmax(x / tau) at the labels ``yy`` (..., B, T, 1), 0 on ignored rows."""
+    lp = torch.log_softmax(x.float() / tau, -1).gather(-1, yy).squeeze(-1)
+    return torch.where(keep, lp, 0.0)
+
+
+def _whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, tau, alpha, cfg,
+           divergence: str):
+    """The fused loss of docs/losses.md on small inputs, the views stacked (K, B, T, V):
+    (loss, kd, contrastive, feature, D,
+    weight, clipped, d loss / d z, d loss / d h or None, ok), where ``ok`` is False when the
+    shifted pass flagged a row (the results are then not used) and None for jsd, whose
+    general pass takes every input."""
+    B, T, V = z.shape
+    n = B * T
+    keep = y != cfg.ignore_index
+    args = (z.reshape(n, V), u.reshape(n, V), y.reshape(n), keep.reshape(n), tau, alpha)
+    ok = None
+    if divergence == "jsd":
+        values, grad_rows = tb._stats_grad(*args, divergence)
+    else:
+        values, grad_rows, flags = tb._stats_grad_shifted(*args[:5], divergence)
+        ok = flags.all()
+    stats = RowStats(*values.view(7, B, T).unbind(0))
+    yy = torch.where(keep, y, 0).long().unsqueeze(-1)
+    if views is not None:
+        view_lp = _label_logprobs(views, yy.expand(views.shape[0], B, T, 1), keep,
+                                  cfg.view_temperature)
+    if negative is not None:
+        negative_lp = _label_logprobs(negative, yy, keep, tau)
+    out = fused.combine(stats, keep, cfg, view_lp, negative_lp, sh, th, num_items)
+    grad = fused.scaled_grad(z, y, stats, grad_rows.view(B, T, V), divergence != "jsd",
+                             out.ck, out.cc, tau, cfg)
+    return (out.loss, out.kd, out.contrastive, out.feature, out.divergence, out.weight,
+            out.clipped, grad, out.hidden_grad, ok)
+
+
+def whole_fkl(*args):
+    return _whole(*args, "fkl")
+
+
+def whole_rkl(*args):
+    return _whole(*args, "rkl")
+
+
+def whole_jsd(*args):
+    return _whole(*args, "jsd")
+
+
+WHOLE = {"fkl": whole_fkl, "rkl": whole_rkl, "jsd": whole_jsd}
+
+
+class GradientFunction(torch.autograd.Function):
+    """The loss value with the gradients the forward already computed attached: backward
+    scales them by grad_output (and writes the logits gradient into the logits themselves
+    under ``inplace_backward``)."""
+
+    @staticmethod
+    def forward(ctx, student_logits, student_hidden, loss, grad_z, grad_h, inplace: bool):
+        ctx.save_for_backward(student_logits if inplace else None, grad_z, grad_h)
+        ctx.dtypes = (student_logits.dtype,
+                      None if student_hidden is None else student_hidden.dtype)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z, grad_z, grad_h = ctx.saved_tensors
+        g = grad_loss.float()
+        dz = dh = None
+        if ctx.needs_input_grad[0]:
+            dz = grad_z * g
+            dz = z.copy_(dz) if z is not None else dz.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1] and grad_h is not None:
+            dh = (grad_h * g).to(ctx.dtypes[1])
+        return dz, dh, None, None, None, None
+
+
+def _float32(x):
+    """A float input as float32 and detached: one compiled graph for every input dtype."""
+    if x is None:
+        return None
+    return x.detach().float() if x.is_floating_point() else x.detach()
+
+
+def run(call: fused.FusedCall, student_logits, student_hidden):
+    """The seven outputs of ``fused.unisd_fused`` from one call, or None where this path
+    declines: not a CPU ``TorchBackend`` call that needs a gradient, more than
+    SMALL_ELEMENTS logits (or views), or a row the shifted pass flagged."""
+    z = student_logits
+    small = z.numel() <= tb.SMALL_ELEMENTS and (
+        call.views is None or sum(v.numel() for v in call.views) <= fused.STACK_ELEMENTS)
+    if not (isinstance(call.backend, tb.TorchBackend) and z.device.type == "cpu"
+            and call.needs_grad and small):
+        return None
+    cfg, backend = call.config, call.backend
+    # every tensor input detached: the compiled call records no autograd graph
+    views = None if call.views is None else torch.stack([v.detach() for v in call.views])
+    num_items = call.num_items_in_batch
+    args = [_float32(x) for x in (
+        z, call.teacher_logits, call.labels, views, call.view_logprobs, call.negative_logits,
+        call.negative_logprobs, student_hidden, call.teacher_hidden)]
+    *outs, grad_z, grad_h, ok = backend._run(
+        WHOLE[cfg.divergence], *args,
+        _float32(num_items) if isinstance(num_items, torch.Tensor) else num_items,
+        backend._scalar(cfg.temperature, z), backend._scalar(cfg.jsd_alpha, z), cfg,
+        mark_rows=False)
+    if ok is not None and not bool(ok):
+        return None
+    loss = GradientFunction.apply(z, student_hidden, outs[0], grad_z, grad_h,
+                                  call.inplace_backward)
+    return (loss, *outs[1:])
