@@ -107,6 +107,25 @@ def test_loss_input_errors(inputs, override, error, match):
         call(inputs, **override)
 
 
+@pytest.mark.parametrize("host_labels", [4096, 0])
+@pytest.mark.parametrize(("labels", "found"), [
+    ([[-100, 3, 12], [-5, 1, 0]], 12),
+    ([[-100, -100, 0], [-5, 11, 0]], -5),
+    ([[-100, 3, 10], [0, 1, -100]], None),
+])
+def test_label_check_as_a_list_and_as_tensor_ops(labels, found, host_labels, monkeypatch):
+    """Small CPU label tensors are checked as a Python list, larger ones with tensor ops:
+    the same verdict and message, naming the first offending label."""
+    monkeypatch.setattr(usd.validation, "HOST_LABELS", host_labels)
+    y = torch.tensor(labels)
+    if found is None:
+        usd.validation.check_labels(y, 11, -100)
+        return
+    with pytest.raises(ValueError, match=rf"^labels must lie in \[0, 11\) or equal "
+                                         rf"ignore_index=-100; found {found}$"):
+        usd.validation.check_labels(y, 11, -100)
+
+
 def test_num_items_errors(inputs):
     cfg = usd.UniSDConfig.preset("unisd_star", normalize="token")
     with pytest.raises(ValueError, match="num_items_in_batch must be > 0"):

@@ -15,6 +15,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+HOST_LABELS = 4096
 
 
 def check_tensor(name, x, dtypes, kind):
@@ -59,11 +60,22 @@ def _require(ok: torch.Tensor, message: str, found=None) -> None:
 
 
 def check_labels(labels, V, ignore_index):
-    """Every label in [0, V) or equal to ignore_index (a device-side assert on CUDA)."""
+    """Every label in [0, V) or equal to ignore_index (a device-side assert on CUDA). Up to
+    HOST_LABELS labels on CPU are checked as a Python list: one copy instead of five tensor
+    ops, which at that size cost more than a small loss's compiled call."""
+    message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
+    if labels.device.type == "cpu" and host_checks(labels.device) \
+            and labels.numel() <= HOST_LABELS:
+        values = labels.flatten().tolist()
+        kept = set(values)
+        kept.discard(ignore_index)
+        if kept and (min(kept) < 0 or max(kept) >= V):
+            found = next(v for v in values if v != ignore_index and not 0 <= v < V)
+            raise ValueError(f"{message}; found {found}")
+        return
     kept = torch.where(labels == ignore_index, 0, labels)
     lo, hi = torch.aminmax(kept)
-    _require((lo >= 0) & (hi < V),
-             f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}",
+    _require((lo >= 0) & (hi < V), message,
              lambda: labels[(kept < 0) | (kept >= V)][0].item())
 
 
