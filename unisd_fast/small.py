@@ -20,12 +20,6 @@ from . import torch_backend as tb
 from .backend import RowStats
 
 
-def _label_logprobs(x, yy, keep, tau):
-    """log softmax(x / tau) at the labels ``yy`` (..., B, T, 1), 0 on ignored rows."""
-    lp = torch.log_softmax(x.float() / tau, -1).gather(-1, yy).squeeze(-1)
-    return torch.where(keep, lp, 0.0)
-
-
 def _whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, tau, alpha, cfg,
            divergence: str):
     """The fused loss of docs/losses.md on small inputs, the views stacked (K, B, T, V):
@@ -46,10 +40,10 @@ def _whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, ta
     stats = RowStats(*values.view(7, B, T).unbind(0))
     yy = torch.where(keep, y, 0).long().unsqueeze(-1)
     if views is not None:
-        view_lp = _label_logprobs(views, yy.expand(views.shape[0], B, T, 1), keep,
-                                  cfg.view_temperature)
+        view_lp = tb.label_logprobs_small(views, yy.expand(views.shape[0], B, T, 1), keep,
+                                          cfg.view_temperature)
     if negative is not None:
-        negative_lp = _label_logprobs(negative, yy, keep, tau)
+        negative_lp = tb.label_logprobs_small(negative, yy, keep, tau)
     out = fused.combine(stats, keep, cfg, view_lp, negative_lp, sh, th, num_items)
     grad = fused.scaled_grad(z, y, stats, grad_rows.view(B, T, V), divergence != "jsd",
                              out.ck, out.cc, tau, cfg)
@@ -98,9 +92,10 @@ class GradientFunction(torch.autograd.Function):
 
 
 def _float32(x):
-    """A float input as float32 and detached: one compiled graph for every input dtype."""
-    if x is None:
-        return None
+    """A float tensor as float32 and detached (one compiled graph for every input dtype),
+    another tensor detached, anything else as it is."""
+    if not isinstance(x, torch.Tensor):
+        return x
     return x.detach().float() if x.is_floating_point() else x.detach()
 
 
@@ -117,15 +112,12 @@ def run(call: fused.FusedCall, student_logits, student_hidden):
     cfg, backend = call.config, call.backend
     # every tensor input detached: the compiled call records no autograd graph
     views = None if call.views is None else torch.stack([v.detach() for v in call.views])
-    num_items = call.num_items_in_batch
     args = [_float32(x) for x in (
         z, call.teacher_logits, call.labels, views, call.view_logprobs, call.negative_logits,
-        call.negative_logprobs, student_hidden, call.teacher_hidden)]
+        call.negative_logprobs, student_hidden, call.teacher_hidden, call.num_items_in_batch)]
     *outs, grad_z, grad_h, ok = backend._run(
-        WHOLE[cfg.divergence], *args,
-        _float32(num_items) if isinstance(num_items, torch.Tensor) else num_items,
-        backend._scalar(cfg.temperature, z), backend._scalar(cfg.jsd_alpha, z), cfg,
-        mark_rows=False)
+        WHOLE[cfg.divergence], *args, backend._scalar(cfg.temperature, z),
+        backend._scalar(cfg.jsd_alpha, z), cfg, mark_rows=False)
     if ok is not None and not bool(ok):
         return None
     loss = GradientFunction.apply(z, student_hidden, outs[0], grad_z, grad_h,

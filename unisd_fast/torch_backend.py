@@ -165,6 +165,13 @@ def _label_block(x, y, keep, tau):
     return torch.where(keep, value.squeeze(-1), 0.0)
 
 
+def label_logprobs_small(x, yy, keep, tau):
+    """log softmax(x / tau) at the labels ``yy`` (..., 1; valid on every row), 0 where
+    ``keep`` is False: ATen's log_softmax, for small inputs (a full-size temporary)."""
+    lp = torch.log_softmax(x.float() / tau, -1).gather(-1, yy).squeeze(-1)
+    return torch.where(keep, lp, 0.0)
+
+
 # Gradient of one block, written into out:
 #   dz = (ck * G + cc * (onehot(y) - p_S)) / tau, and 0 on rows with ck = cc = 0, with
 #   r = lp_T - lp_S = (u - z) / tau + (lse_S - lse_T) formed without cancellation and
@@ -486,9 +493,8 @@ class TorchBackend:
         is about twice as fast as a compiled call."""
         if x.device.type == "cpu" and x.numel() <= SMALL_ELEMENTS:
             keep = labels != ignore_index
-            y = torch.where(keep, labels, 0).long().unsqueeze(-1)
-            lp = torch.log_softmax(x.float() / tau, -1).gather(-1, y).squeeze(-1)
-            return torch.where(keep, lp, 0.0)
+            return label_logprobs_small(x, torch.where(keep, labels, 0).long().unsqueeze(-1),
+                                        keep, tau)
         B, T, V = x.shape
         xr, yr = Rows(x), Rows(labels)
         tau_t = self._scalar(tau, x)

@@ -49,11 +49,12 @@ def host_checks(device: torch.device) -> bool:
     return device.type != "cuda" or os.environ.get("UNISD_FAST_SYNC_CHECKS") == "1"
 
 
-def _require(ok: torch.Tensor, message: str, found=None) -> None:
-    """ValueError(message) where the 0-dim bool tensor ``ok`` is False; ``found()`` (on the
-    host path only) names the offending value. On CUDA without host checks: an asynchronous
-    device-side assert, raised by CUDA at the next sync (it ends the CUDA context)."""
-    if not host_checks(ok.device):
+def _require(ok, message: str, found=None) -> None:
+    """ValueError(message) where ``ok`` (a bool, or a 0-dim bool tensor) is False; ``found()``
+    (on the host path only) names the offending value. A tensor on CUDA without host checks:
+    an asynchronous device-side assert, raised by CUDA at the next sync (it ends the CUDA
+    context)."""
+    if isinstance(ok, torch.Tensor) and not host_checks(ok.device):
         torch._assert_async(ok, message)
     elif not bool(ok):
         raise ValueError(message if found is None else f"{message}; found {found()}")
@@ -61,17 +62,14 @@ def _require(ok: torch.Tensor, message: str, found=None) -> None:
 
 def check_labels(labels, V, ignore_index):
     """Every label in [0, V) or equal to ignore_index (a device-side assert on CUDA). Up to
-    HOST_LABELS labels on CPU are checked as a Python list: one copy instead of five tensor
-    ops, which at that size cost more than a small loss's compiled call."""
+    HOST_LABELS labels on the host path are checked as a Python list: one copy instead of
+    five tensor ops, which at that size cost more than a small loss's compiled call."""
     message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
-    if labels.device.type == "cpu" and host_checks(labels.device) \
-            and labels.numel() <= HOST_LABELS:
+    if host_checks(labels.device) and labels.numel() <= HOST_LABELS:
         values = labels.flatten().tolist()
-        kept = set(values)
-        kept.discard(ignore_index)
-        if kept and (min(kept) < 0 or max(kept) >= V):
-            found = next(v for v in values if v != ignore_index and not 0 <= v < V)
-            raise ValueError(f"{message}; found {found}")
+        kept = set(values) - {ignore_index}
+        _require(not kept or (min(kept) >= 0 and max(kept) < V), message,
+                 lambda: next(v for v in values if v != ignore_index and not 0 <= v < V))
         return
     kept = torch.where(labels == ignore_index, 0, labels)
     lo, hi = torch.aminmax(kept)
