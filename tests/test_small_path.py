@@ -75,7 +75,8 @@ def test_shifted_pass_agrees_with_the_general_pass(divergence):
                                                     torch.tensor(0.5))
     for k, (a, b) in enumerate(zip(torch.stack(stats)[:, 0], general, strict=True)):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=f"stat {k}")
-    torch.testing.assert_close(grad[0], g_general, rtol=1e-5, atol=1e-9)
+    # elementwise up to the cancellation where G crosses zero, in both fp32 forms
+    torch.testing.assert_close(grad[0], g_general, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "rkl"])

@@ -47,28 +47,45 @@ def log1p_minus_w(w):
     return torch.where(small, series, torch.log1p(w) - w)
 
 
-def shifted_kl(p, x, log_pe):
-    """(D, L, near) with L = log E_p[e^x] and D = L - E_p[x], reduced over the last dimension.
+def shifted_terms(w, x, we):
+    """Per-column pieces of ``shifted_kl`` for weights ``w`` (p times any positive row
+    factor) and ``we`` = w e^x: (w x, w (e^x - 1 - x), w expm1(x)), none with cancellation:
+    the series where |x| < 0.5, the direct differences (of numbers apart by e^0.5 or more)
+    elsewhere. The second is formed from the third, so that a compiled caller stores
+    w expm1(x) between its passes instead of forming the series again."""
+    small = x.abs() < EXPM1_SERIES_MAX
+    xs = torch.where(small, x, 0.0)
+    series = expm1_minus_x_series(xs)
+    wx = w * x
+    wm = torch.where(small, w * (xs + series), we - w)
+    return wx, torch.where(small, w * series, wm - wx), wm
 
-    ``p`` are normalised weights, ``x`` the (shifted) log-ratio and ``log_pe`` = log(p e^x),
-    used where |x| is large so that nothing overflows. With a = E_p[x] and
-    b = E_p[e^x - 1 - x] >= 0: L = log1p(a + b) and D = b + (log1p(a + b) - (a + b)), two
-    terms with no cancellation when a + b is small; for |a + b| >= 0.25 D = L - a directly.
-    ``near`` marks the rows with E_p[e^x] = 1 + a + b >= 1/2. Below, L = log1p(a + b) loses
-    digits (a shift far above the p-mean of the log-ratio): a caller whose shift is not that
-    mean uses the textbook form on those rows, where D is not small. The sums accumulate in
-    float64 (float32 over 32k terms drifts by several ulps once compiled).
-    """
+
+def shifted_finish(a, b):
+    """(D, L, near) from the row values a = E_p[x] and b = E_p[e^x - 1 - x] >= 0:
+    L = log1p(a + b) and D = b + (log1p(a + b) - (a + b)), two terms with no cancellation
+    when a + b is small; for |a + b| >= 0.25 D = L - a directly. ``near`` marks the rows with
+    E_p[e^x] = 1 + a + b >= 1/2. Below, L = log1p(a + b) loses digits (a shift far above the
+    p-mean of the log-ratio): a caller whose shift is not that mean uses the textbook form on
+    those rows, where D is not small."""
+    w = a + b
+    lg = torch.log1p(w)
+    d = torch.where(w.abs() < LOG1P_SERIES_MAX, b + log1p_minus_w(w), lg - a)
+    return d, lg, w >= NEAR_MIN
+
+
+def shifted_kl(p, x, log_pe):
+    """(D, L, near) with L = log E_p[e^x] and D = L - E_p[x], reduced over the last dimension
+    (``shifted_finish``). ``p`` are normalised weights, ``x`` the (shifted) log-ratio and
+    ``log_pe`` = log(p e^x), used where |x| is large so that nothing overflows. The sums
+    accumulate in float64 (float32 over 32k terms drifts by several ulps once compiled)."""
     acc = torch.float64
     a = (p * x).sum(-1, dtype=acc)
     small = x.abs() < EXPM1_SERIES_MAX
     term = torch.where(small, p * expm1_minus_x_series(torch.where(small, x, 0.0)),
                        torch.exp(log_pe) - p - p * x)
-    b = term.sum(-1, dtype=acc)
-    w = a + b
-    lg = torch.log1p(w)
-    d = torch.where(w.abs() < LOG1P_SERIES_MAX, b + log1p_minus_w(w), lg - a)
-    return d.to(p.dtype), lg.to(p.dtype), w >= NEAR_MIN
+    d, lg, near = shifted_finish(a, term.sum(-1, dtype=acc))
+    return d.to(p.dtype), lg.to(p.dtype), near
 
 
 def log1p_alpha_expm1(r, log_a, log_1ma):

@@ -26,11 +26,12 @@ import torch
 
 from .backend import RowStats
 from .stable import (
-    EXPM1_SERIES_MAX,
     expm1_minus_x_series,
     jsd_remainder,
     log1p_alpha_expm1,
+    shifted_finish,
     shifted_kl,
+    shifted_terms,
 )
 
 CHUNK_ELEMENTS = 1 << 24
@@ -40,6 +41,9 @@ COMPILE_MIN_ELEMENTS = 1 << 12
 # instead of two, the backward a scaling): below it the per-call overhead, not the logits
 # traffic, sets the time, and the extra float32 tokens x vocab tensor is at most 4 MiB.
 SMALL_ELEMENTS = 1 << 20
+# Up to this many columns the small-input pass sums in float32 (a compiled float32 sum of
+# 4096 terms stays within a few ulps; over 32k it drifts), beyond it in float64.
+FLOAT32_SUM_COLUMNS = 4096
 SCALAR_CACHE_SIZE = 64
 # Inductor stores a pointwise result of more than 30 ops that feeds a reduction as a
 # block-sized buffer and reads it back (its default realize_opcount_threshold); the shifted
@@ -220,47 +224,59 @@ def _stats_grad(z, u, y, keep, tau, alpha, divergence: str):
     return stats, torch.where(keep.unsqueeze(-1), g_div / tau, 0.0)
 
 
-# The small-input pass of fkl and rkl on rows of finite logits. With p the teacher's
-# distribution (fkl; the student's for rkl) and dx the other side's log-ratio over it
-# ((z - u) / tau for fkl, (u - z) / tau for rkl), shift by the p-mean mu = E_p[dx]:
-# x = dx - mu has E_p[x] ~ 0, so E_p[e^x] >= 1 (Jensen) and the shifted sums never need the
-# textbook fallback of _stats. Then D, L = shifted_kl(p, x); the other side's log-sum-exp is
-# lse_p + mu + L; e = x - L is the log-ratio of the normalised pair (lp_other - lp_p), and
-#   fkl: G = p_S - p_T = p_T expm1(e)      (p_T e^e - p_T where |e| >= 0.5)
-#   rkl: G = p_S (lp_S - lp_T - D) = -p_S (e + D).
+# The small-input pass of fkl and rkl on rows of finite logits: three reads of the logits,
+# two exponentials per column. With p the teacher's distribution (fkl; the student's for
+# rkl), w = exp(b - max b) = p * total its unnormalised weights (b = base / tau) and dx the
+# other side's log-ratio over it ((z - u) / tau for fkl, (u - z) / tau for rkl):
+#   read 1: max b;  read 2: w, total = sum w and mu = sum w dx / total, the p-mean of dx;
+#   read 3: x = dx - mu has E_p[x] ~ 0, so E_p[e^x] >= 1 (Jensen) and the shifted sums never
+#   need the textbook fallback of _stats: a, b = sum (w x, w (e^x - 1 - x)) / total, and
+#   D, L = shifted_finish(a, b); the other side's log-sum-exp is lse_p + mu + L.
+# With e = x - L (lp_other - lp_p), the gradient is formed from the stored w, w expm1(x)
+# (shifted_terms) or x and per-row factors, with no transcendental per column:
+#   fkl: G = p_S - p_T = p expm1(e) = (e^-L w expm1(x) + (e^-L - 1) w) / total,
+#   rkl: G = p_S (lp_S - lp_T - D) = -p (e + D) = -p (x - a).
+# The column sums run in float32 up to FLOAT32_SUM_COLUMNS columns (in float64 beyond), the
+# per-row values in float64 (where e^-L - 1 is exact far beyond float32).
 # Returns _stats_grad's pair and a per-row ok flag: False on a kept row where anything is
 # not finite (a non-finite or -inf input), whose block the caller runs through _stats_grad.
 def _stats_grad_shifted(z, u, y, keep, tau, divergence: str):
+    acc = torch.float32 if z.shape[-1] <= FLOAT32_SUM_COLUMNS else torch.float64
     y = torch.where(keep, y, 0).long().unsqueeze(-1)
     zf = z.float()
     uf = u.float()
     base, other = (uf, zf) if divergence == "fkl" else (zf, uf)
-    b = base / tau
-    lse_p = _logsumexp(b)
-    lp = b - lse_p
-    p = lp.exp()
-    dx = (other - base) / tau
-    mu = (p * dx).sum(-1, keepdim=True, dtype=torch.float64).to(p.dtype)
+    inv = 1 / tau
+    b = base * inv
+    m = b.amax(-1, keepdim=True)
+    m = torch.where(m.isfinite(), m, 0.0)
+    w = torch.exp(b - m)
+    dx = (other - base) * inv
+    total = w.sum(-1, keepdim=True, dtype=acc).double()
+    mu = ((w * dx).sum(-1, keepdim=True, dtype=acc) / total).float()
     x = dx - mu
-    d, lg, near = shifted_kl(p, x, lp + x)
-    shift = mu + lg.unsqueeze(-1)
-    e = x - lg.unsqueeze(-1)
+    wx, term, wm = shifted_terms(w, x, torch.exp(b - m + x))
+    total = total.squeeze(-1)
+    a = wx.sum(-1, dtype=acc) / total
+    d, lg, near = shifted_finish(a, term.sum(-1, dtype=acc) / total)
+    lse_p = m.squeeze(-1) + total.log()
+    shift = mu.squeeze(-1) + lg
+    scale = (inv / total).float().unsqueeze(-1)
     if divergence == "fkl":
         lse_s, lse_t = lse_p + shift, lse_p
-        small = e.abs() < EXPM1_SERIES_MAX
-        es = torch.where(small, e, 0.0)
-        g = torch.where(small, p * (es + expm1_minus_x_series(es)), torch.exp(lp + e) - p)
-        gap = shift.squeeze(-1)
+        c = torch.exp(-lg)
+        g = (c.float().unsqueeze(-1) * wm + (c - 1).float().unsqueeze(-1) * w) * scale
+        gap = shift
     else:
         lse_s, lse_t = lse_p, lse_p + shift
-        g = -p * (e + d.unsqueeze(-1))
-        gap = -shift.squeeze(-1)
-    s_lab = (zf.gather(-1, y) / tau - lse_s).squeeze(-1)
-    t_lab = (uf.gather(-1, y) / tau - lse_t).squeeze(-1)
-    values = torch.stack((lse_s.squeeze(-1), lse_t.squeeze(-1), d, torch.zeros_like(d), s_lab,
-                          t_lab, gap))
-    ok = near & d.isfinite() & gap.isfinite() & lse_p.squeeze(-1).isfinite()
-    return (torch.where(keep, values, 0.0), torch.where(keep.unsqueeze(-1), g / tau, 0.0),
+        g = -(w * scale) * (x - a.float().unsqueeze(-1))
+        gap = -shift
+    lse_s, lse_t, d, gap = lse_s.float(), lse_t.float(), d.float(), gap.float()
+    s_lab = (zf.gather(-1, y).squeeze(-1) / tau - lse_s)
+    t_lab = (uf.gather(-1, y).squeeze(-1) / tau - lse_t)
+    values = torch.stack((lse_s, lse_t, d, torch.zeros_like(d), s_lab, t_lab, gap))
+    ok = near & d.isfinite() & gap.isfinite() & lse_p.isfinite()
+    return (torch.where(keep, values, 0.0), torch.where(keep.unsqueeze(-1), g, 0.0),
             ok | ~keep)
 
 
