@@ -4,7 +4,8 @@ the masked vocabulary (columns where student and teacher are both -inf).
 
 The full V = 32000 table runs for impl="torch" (its streaming passes at that size) and the
 float32 reference; Triton's interpreter and impl="torch"'s small-input path run the same
-targets at V = 4099 (benchmarks/exactness.py prints the V = 32000 table for every impl).
+targets at V = 4099, and the small-input path's float32 sums at V = 1000
+(benchmarks/exactness.py prints the V = 32000 table for every impl).
 "torch-stream" is impl="torch" with the small-input path off (tests/loss_inputs.py)."""
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ DIVERGENCES = ["fkl", "rkl", "jsd"]
 D_MEDIAN, D_MAX, GRAD = 1e-4, 1e-3, 1e-5
 
 
-def check_targets(B, T, V, impl, divergence):
+def check_targets(B, T, V, impl, divergence, grad=GRAD):
     cfg = usd.UniSDConfig(divergence=divergence, temperature=0.7)
     for eps in (0.05, 0.01, 0.002):
         rel_d, rel_g, _, _ = errors(*close_inputs(B, T, V, eps), cfg, impl)
         assert rel_d.median().item() <= D_MEDIAN, (eps, rel_d.median().item())
         assert rel_d.max().item() <= D_MAX, (eps, rel_d.max().item())
-        assert rel_g <= GRAD, (eps, rel_g)
+        assert rel_g <= grad, (eps, rel_g)
     d, g = divergence_and_grad(*close_inputs(B, T, V, 0.0), cfg, impl)
     assert d.abs().max().item() == 0.0 and g.abs().max().item() == 0.0
 
@@ -58,6 +59,15 @@ def test_close_to_teacher_full_vocab(impl, divergence, device):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_close_to_teacher_small_vocab(impl, divergence):
     check_targets(2, 3, 4099, impl, divergence)
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl"])
+def test_close_to_teacher_float32_sums(divergence):
+    """The compiled small-input pass sums in float32 up to FLOAT32_SUM_COLUMNS columns; its
+    row values in float64 keep the gradient well inside the target (2.7e-7 measured; with
+    e^-L - 1 in float32 it was 7.9e-6 at eps = 0.002)."""
+    assert 1000 <= usd.torch_backend.FLOAT32_SUM_COLUMNS < 4099
+    check_targets(2, 8, 1000, "torch", divergence, grad=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["torch", "torch-stream", "triton"])
