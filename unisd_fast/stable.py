@@ -49,10 +49,10 @@ def log1p_minus_w(w):
 
 def shifted_terms(w, x, we):
     """Per-column pieces of ``shifted_kl`` for weights ``w`` (p times any positive row
-    factor) and ``we`` = w e^x: (w x, w (e^x - 1 - x), w expm1(x)), none with cancellation:
-    the series where |x| < 0.5, the direct differences (of numbers apart by e^0.5 or more)
-    elsewhere. The second is formed from the third, so that a compiled caller stores
-    w expm1(x) between its passes instead of forming the series again."""
+    factor) and ``we`` = w e^x: (w x, w (e^x - 1 - x), w expm1(x)), from the series where
+    |x| < 0.5 and the direct differences elsewhere (as ``shifted_kl``; they lose a few bits at
+    most, next to |x| = 0.5). The second is formed from the third, so that a compiled caller
+    stores w expm1(x) between its passes instead of forming the series again."""
     small = x.abs() < EXPM1_SERIES_MAX
     xs = torch.where(small, x, 0.0)
     series = expm1_minus_x_series(xs)
