@@ -226,9 +226,10 @@ def _stats_grad(z, u, y, keep, tau, alpha, divergence: str):
 
 # The small-input pass of fkl and rkl on rows of finite logits: three reads of the logits,
 # two exponentials per column. With p the teacher's distribution (fkl; the student's for
-# rkl), w = exp(b - max b) = p * total its unnormalised weights (b = base / tau) and dx the
-# other side's log-ratio over it ((z - u) / tau for fkl, (u - z) / tau for rkl):
-#   read 1: max b;  read 2: w, total = sum w and mu = sum w dx / total, the p-mean of dx;
+# rkl), w = exp(b) = p * total its unnormalised weights, b = (base - max base) / tau (the
+# difference formed first, so that logits / tau of size 1000 cost no digits of p), and dx
+# the other side's log-ratio over it ((z - u) / tau for fkl, (u - z) / tau for rkl):
+#   read 1: max base;  read 2: w, total = sum w and mu = sum w dx / total, the p-mean of dx;
 #   read 3: x = dx - mu has E_p[x] ~ 0, so E_p[e^x] >= 1 (Jensen) and the shifted sums never
 #   need the textbook fallback of _stats: a, b = sum (w x, w (e^x - 1 - x)) / total, and
 #   D, L = shifted_finish(a, b); the other side's log-sum-exp is lse_p + mu + L.
@@ -247,19 +248,20 @@ def _stats_grad_shifted(z, u, y, keep, tau, divergence: str):
     uf = u.float()
     base, other = (uf, zf) if divergence == "fkl" else (zf, uf)
     inv = 1 / tau
-    b = base * inv
-    m = b.amax(-1, keepdim=True)
+    m = base.amax(-1, keepdim=True)
     m = torch.where(m.isfinite(), m, 0.0)
-    w = torch.exp(b - m)
+    b = (base - m) * inv
+    w = torch.exp(b)
     dx = (other - base) * inv
     total = w.sum(-1, keepdim=True, dtype=acc).double()
     mu = ((w * dx).sum(-1, keepdim=True, dtype=acc) / total).float()
     x = dx - mu
-    wx, term, wm = shifted_terms(w, x, torch.exp(b - m + x))
+    wx, term, wm = shifted_terms(w, x, torch.exp(b + x))
     total = total.squeeze(-1)
     a = wx.sum(-1, dtype=acc) / total
     d, lg, near = shifted_finish(a, term.sum(-1, dtype=acc) / total)
-    lse_p = m.squeeze(-1) + total.log()
+    log_total = total.log()
+    lse_p = m.squeeze(-1) * inv + log_total
     shift = mu.squeeze(-1) + lg
     scale = (inv / total).float().unsqueeze(-1)
     if divergence == "fkl":
@@ -271,10 +273,14 @@ def _stats_grad_shifted(z, u, y, keep, tau, divergence: str):
         lse_s, lse_t = lse_p, lse_p + shift
         g = -(w * scale) * (x - a.float().unsqueeze(-1))
         gap = -shift
+    # label log-probs from the differences to the row maximum, not from two log-sum-exps of
+    # the size of the logits / tau: lp_p(y) = b_y - log total, lp_other(y) = lp_p(y) + x_y - L
+    lp_p = b.gather(-1, y).squeeze(-1) - log_total
+    lp_o = lp_p + x.gather(-1, y).squeeze(-1) - lg
+    s_lab, t_lab = (lp_o, lp_p) if divergence == "fkl" else (lp_p, lp_o)
     lse_s, lse_t, d, gap = lse_s.float(), lse_t.float(), d.float(), gap.float()
-    s_lab = (zf.gather(-1, y).squeeze(-1) / tau - lse_s)
-    t_lab = (uf.gather(-1, y).squeeze(-1) / tau - lse_t)
-    values = torch.stack((lse_s, lse_t, d, torch.zeros_like(d), s_lab, t_lab, gap))
+    values = torch.stack((lse_s, lse_t, d, torch.zeros_like(d), s_lab.float(), t_lab.float(),
+                          gap))
     ok = near & d.isfinite() & gap.isfinite() & lse_p.isfinite()
     return (torch.where(keep, values, 0.0), torch.where(keep.unsqueeze(-1), g, 0.0),
             ok | ~keep)
