@@ -83,7 +83,8 @@ def _xlogy_sum(p, diff):
 
 
 # Stats of one block of rows, with s = z / tau, t = u / tau, dx = s - t formed from z - u:
-#   lse_S, lse_T; mu = dx at the label (a shift, see stable.shifted_kl), x = dx - mu;
+#   lse_S, lse_T; mu = dx at the peak of p_T (p_S for rkl; the mean over tied peaks), a
+#   shift (see stable.shifted_kl) near the p-mean of dx even on nearly one-hot rows; x = dx - mu;
 #   fkl: D, L = shifted_kl(p_T, x), lse_S - lse_T = L + mu
 #   rkl: D, L = shifted_kl(p_S, -x), lse_S - lse_T = mu - L
 #   jsd: r = lp_T - lp_S = gap - dx; KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a),
@@ -106,7 +107,9 @@ def _stats(z, u, y, keep, tau, alpha, divergence: str):
     p_s = lp_s.exp()
     p_t = lp_t.exp()
     dx = torch.where(both | one, 0.0, (zf - uf) / tau)
-    mu = dx.gather(-1, y.unsqueeze(-1))
+    base = s if divergence == "rkl" else t
+    peak = base == base.amax(-1, keepdim=True)
+    mu = torch.where(peak, dx, 0.0).sum(-1, keepdim=True) / peak.sum(-1, keepdim=True)
     mu = torch.where(mu.isfinite(), mu, 0.0)
     x = dx - mu
     classic_gap = (lse_s - lse_t).squeeze(-1)
