@@ -50,9 +50,9 @@ def log1p_minus_w(w):
 def shifted_terms(w, x, we):
     """Per-column pieces of ``shifted_kl`` for weights ``w`` (p times any positive row
     factor) and ``we`` = w e^x: (w x, w (e^x - 1 - x), w expm1(x)), from the series where
-    |x| < 0.5 and the direct differences elsewhere (as ``shifted_kl``; they lose a few bits at
-    most, next to |x| = 0.5). The second is formed from the third, so that a compiled caller
-    stores w expm1(x) between its passes instead of forming the series again."""
+    |x| < 0.5 and the direct differences elsewhere (they lose a few bits at most, next to
+    |x| = 0.5). The second is formed from the third, so that a compiled caller that also
+    uses w expm1(x) stores it between its passes instead of forming the series again."""
     small = x.abs() < EXPM1_SERIES_MAX
     xs = torch.where(small, x, 0.0)
     series = expm1_minus_x_series(xs)
@@ -79,12 +79,9 @@ def shifted_kl(p, x, log_pe):
     (``shifted_finish``). ``p`` are normalised weights, ``x`` the (shifted) log-ratio and
     ``log_pe`` = log(p e^x), used where |x| is large so that nothing overflows. The sums
     accumulate in float64 (float32 over 32k terms drifts by several ulps once compiled)."""
-    acc = torch.float64
-    a = (p * x).sum(-1, dtype=acc)
-    small = x.abs() < EXPM1_SERIES_MAX
-    term = torch.where(small, p * expm1_minus_x_series(torch.where(small, x, 0.0)),
-                       torch.exp(log_pe) - p - p * x)
-    d, lg, near = shifted_finish(a, term.sum(-1, dtype=acc))
+    px, term, _ = shifted_terms(p, x, torch.exp(log_pe))
+    d, lg, near = shifted_finish(px.sum(-1, dtype=torch.float64),
+                                 term.sum(-1, dtype=torch.float64))
     return d.to(p.dtype), lg.to(p.dtype), near
 
 
