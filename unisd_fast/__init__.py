@@ -1,12 +1,35 @@
-"""unisd-fast: fused, exact UniSD self-distillation losses for LLMs."""
+"""unisd-fast: fused, exact UniSD self-distillation losses for LLMs.
 
-from .config import PRESETS, UniSDConfig
-from .linear import UniSDLinearLoss, unisd_linear_loss
-from .losses import UniSDLoss, UniSDOutput, unisd_loss
+The public names load on first use (PEP 562), so that ``unisd_fast.config`` (the options and
+constants, no torch) can be imported alone: the trainer's command line reads its arguments
+before torch is imported.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS", "UniSDConfig", "UniSDLinearLoss", "UniSDLoss", "UniSDOutput", "unisd_linear_loss",
-    "unisd_loss", "__version__",
-]
+_EXPORTS = {
+    "IMPLS": ".config",
+    "PRESETS": ".config",
+    "UniSDConfig": ".config",
+    "UniSDLinearLoss": ".linear",
+    "unisd_linear_loss": ".linear",
+    "UniSDLoss": ".losses",
+    "UniSDOutput": ".losses",
+    "unisd_loss": ".losses",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -11,6 +11,9 @@ DIVERGENCES = ("fkl", "rkl", "jsd")
 AGREEMENTS = ("none", "token", "sequence")
 AGREEMENT_STATS = ("var", "range")
 NORMALIZATIONS = ("sequence", "token")
+# Implementations of the losses: "auto" (Triton on CUDA tensors, the PyTorch path elsewhere),
+# "triton", "torch" (the PyTorch passes) and "reference" (the eager float64-capable form).
+IMPLS = ("auto", "triton", "torch", "reference")
 
 # Lower bounds of the token agreement scale s and of the sequence agreement weight w_b.
 AGREEMENT_SCALE_FLOOR = 1e-6

@@ -9,12 +9,10 @@ import torch
 from torch import nn
 
 from . import small, torch_backend
-from .config import UniSDConfig
+from .config import IMPLS, UniSDConfig
 from .fused import unisd_fused
 from .reference import unisd_loss_reference
 from .validation import validate_inplace, validate_inputs
-
-IMPLS = ("auto", "triton", "torch", "reference")
 
 
 @dataclass
