@@ -25,9 +25,9 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from ..prompts import PromptTemplates
-from .base import Example, Task
-from .facts import TEMPLATES, facts_task, wrong_code
+from unisd_fast.train.prompts import PromptTemplates
+from unisd_fast.train.tasks.base import Example, Task
+from unisd_fast.train.tasks.facts import TEMPLATES, facts_task, wrong_code
 
 
 @dataclass(frozen=True)

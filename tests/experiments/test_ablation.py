@@ -5,9 +5,9 @@ import statistics
 
 import pytest
 
-from unisd_fast.train import ablation
+from experiments import ablation
+from experiments.tasks.unreliable import Unreliability, is_wrong, unreliable_task
 from unisd_fast.train.tasks import facts
-from unisd_fast.train.tasks.unreliable import Unreliability, is_wrong, unreliable_task
 
 
 def test_all_knobs_off_is_the_facts_task():

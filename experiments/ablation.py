@@ -1,13 +1,14 @@
 """Ablations of the facts task: each mechanism of UniSD* on its own against plain SD, on the
 clean task and where the teacher is unreliable (docs/ablations.md).
 
-``python -m unisd_fast.train.ablation`` pre-trains one base model (cached), then trains
-every (variant, mode, method, seed) from it, one thread per run, ``--workers`` runs at a
-time. Each run's record (accuracy on all facts, on the facts whose teacher context is right
-and on those whose context is wrong, how often the student repeats the teacher's mistake,
-retention KL and perplexity) is appended to ``records.csv`` as it finishes; an interrupted
-ablation resumes from it. At the end: ``table.md`` (mean and standard deviation over seeds),
-``effects.md`` (each method minus plain SD, paired by seed) and ``ablation.png``.
+``python -m experiments.ablation`` (from the repository root) pre-trains one base model
+(cached), then trains every (variant, mode, method, seed) from it, one thread per run,
+``--workers`` runs at a time. Each run's record (accuracy on all facts, on the facts whose
+teacher context is right and on those whose context is wrong, how often the student repeats
+the teacher's mistake, retention KL and perplexity) is appended to ``records.csv`` as it
+finishes; an interrupted ablation resumes from it. At the end: ``table.md`` (mean and
+standard deviation over seeds), ``effects.md`` (each method minus plain SD, paired by seed)
+and ``ablation.png``.
 
 A method is a name of ``unisd-train --method`` or ``name/field=value/...`` with TrainConfig
 overrides (e.g. ``agreement/agreement_gamma=1``): tune a mechanism here, on every seed.
@@ -31,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from .config import METHODS, TrainConfig
-from .tasks import facts
-from .tasks.unreliable import Unreliability, UnreliableTask, unreliable_task
+from experiments.tasks.unreliable import Unreliability, UnreliableTask, unreliable_task
+from unisd_fast.train.config import METHODS, TrainConfig
+from unisd_fast.train.tasks import facts
 
-log = logging.getLogger("unisd_fast.ablation")
+log = logging.getLogger("experiments.ablation")
 
 DEFAULT_METHODS = (
     "sft", "sd", "gkd", "agreement", "clip", "contrastive", "match", "ema", "unisd_star"
@@ -128,8 +129,8 @@ def make_task(spec_or_knobs, seed: int) -> UnreliableTask:
 @torch.no_grad()
 def greedy_completions(model, tokenizer, texts: list[str], chat_template: bool) -> list[str]:
     """Greedy completions of ``texts``, encoded and decoded as the trainer's evaluation does."""
-    from .prompts import PromptEncoder
-    from .rollout import generate, generation_config
+    from unisd_fast.train.prompts import PromptEncoder
+    from unisd_fast.train.rollout import generate, generation_config
 
     encode = PromptEncoder(tokenizer, chat_template)
     eos = [tokenizer.eos_token_id]
@@ -166,7 +167,7 @@ def score(task: UnreliableTask, completions: list[str]) -> dict:
 def load_tuned(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM
 
-    from .models.tiny import load_tokenizer
+    from unisd_fast.train.models.tiny import load_tokenizer
 
     folder = Path(cfg.output_dir) / "final_model"
     if cfg.lora_r:
@@ -179,7 +180,7 @@ def load_tuned(cfg: TrainConfig):
 
 def run_spec(spec: Spec) -> dict:
     """Train one spec, then score its final model on the variant's facts."""
-    from .loop import run
+    from unisd_fast.train import run
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -213,7 +214,7 @@ def base_record(base: str, variant: str, knobs: Unreliability, seed: int) -> dic
     """The shared base model before any training: student and teacher accuracy."""
     from transformers import AutoModelForCausalLM
 
-    from .models.tiny import load_tokenizer
+    from unisd_fast.train.models.tiny import load_tokenizer
 
     task = make_task(knobs, seed)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(base), load_tokenizer(base)
@@ -421,7 +422,7 @@ def run_all(specs: list[Spec], workers: int):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m unisd_fast.train.ablation",
+        prog="python -m experiments.ablation",
         description="Ablate UniSD*'s mechanisms on the facts task, clean and with an "
         "unreliable teacher (docs/ablations.md).",
     )
@@ -509,7 +510,7 @@ def main(argv=None) -> int:
         return 0
     settings = dict(vars(args))
     (out / "run.txt").write_text(
-        f"command: python -m unisd_fast.train.ablation {' '.join(argv or sys.argv[1:])}\n"
+        f"command: python -m experiments.ablation {' '.join(argv or sys.argv[1:])}\n"
         f"settings: {settings}\nbase: {asdict(pretrain)}\n"
         f"wall time of this invocation: {wall:.0f} s ({len(todo)} runs, {args.workers} "
         f"workers, {os.cpu_count()} CPUs)\n",

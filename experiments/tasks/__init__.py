@@ -1,0 +1,1 @@
+"""Tasks that only the experiments use (the trainer's registry is ``unisd_fast.train.tasks``)."""
