@@ -118,12 +118,12 @@ def run_variant(opts) -> dict:
     from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from unisd_fast.integrations.trl import UniSDSDFTConfig, UniSDSDFTTrainer
-    from unisd_fast.integrations.trl_facts import (
+    from examples.facts_dataset import (
         TEACHER_PROMPT_TEMPLATE,
         facts_dataset,
         tiny_tokenizer,
     )
+    from unisd_fast.integrations.trl import UniSDSDFTConfig, UniSDSDFTTrainer
 
     cuda = opts.device == "cuda"
     common = dict(

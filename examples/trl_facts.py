@@ -24,15 +24,16 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
-
-from unisd_fast.integrations.trl import UniSDSDFTConfig, UniSDSDFTTrainer  # noqa: E402
-from unisd_fast.integrations.trl_facts import (  # noqa: E402
+# facts_dataset.py sits beside this script, whose folder Python puts on the path
+from facts_dataset import (  # noqa: E402
     TEACHER_PROMPT_TEMPLATE,
     facts_dataset,
     save_tiny_model,
     tiny_tokenizer,
 )
+from transformers import AutoTokenizer, HfArgumentParser  # noqa: E402
+
+from unisd_fast.integrations.trl import UniSDSDFTConfig, UniSDSDFTTrainer  # noqa: E402
 
 # The CPU demo; every value can be overridden on the command line. EMA teacher of UniSD*:
 # beta 0.98 every 10 steps.

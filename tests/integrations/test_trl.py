@@ -15,6 +15,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
 
+from examples.facts_dataset import (  # noqa: E402
+    TEACHER_PROMPT_TEMPLATE,
+    facts_dataset,
+    save_tiny_model,
+    tiny_tokenizer,
+)
 from unisd_fast import UniSDConfig, unisd_loss  # noqa: E402
 from unisd_fast.integrations.trl import (  # noqa: E402
     UniSDSDFTConfig,
@@ -22,12 +28,6 @@ from unisd_fast.integrations.trl import (  # noqa: E402
     divergence_of_alpha,
 )
 from unisd_fast.integrations.trl_batch import step_token_counts  # noqa: E402
-from unisd_fast.integrations.trl_facts import (  # noqa: E402
-    TEACHER_PROMPT_TEMPLATE,
-    facts_dataset,
-    save_tiny_model,
-    tiny_tokenizer,
-)
 
 COMMON = {
     "per_device_train_batch_size": 4,

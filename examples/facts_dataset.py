@@ -1,6 +1,8 @@
-"""The built-in facts task as a TRL self-distillation dataset, and a tiny model saved where
-TRL can load it by path (its base and EMA teachers are built from the model's path).
-Used by examples/trl_facts.py, the tests and benchmarks/trl_bench.py (docs/trl.md)."""
+"""The trainer's built-in facts task as a TRL self-distillation dataset, and a tiny model
+saved where TRL can load it by path (its base and EMA teachers are built from the model's
+path). Used by examples/trl_facts.py, tests/integrations/test_trl.py and
+benchmarks/trl_bench.py (docs/trl.md, "Example"); imported as ``examples.facts_dataset``
+with the repository root on the path."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from ..train.models.tiny import build_tiny_model, build_tokenizer, load_tokenizer
-from ..train.tasks.facts import facts_task
+from unisd_fast.train.models.tiny import build_tiny_model, build_tokenizer, load_tokenizer
+from unisd_fast.train.tasks.facts import facts_task
 
 # The facts teacher prompt "#zok=47\nzok=" in TRL's template syntax.
 TEACHER_PROMPT_TEMPLATE = "#{prompt}{privileged_context}\n{prompt}"

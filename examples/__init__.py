@@ -1,0 +1,1 @@
+"""Examples of the package in use, run from the repository root (not installed)."""
