@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from unisd_fast.train.config import TrainConfig
+from unisd_fast.train.data import Item
 from unisd_fast.train.distributed import Parallel
-from unisd_fast.train.loop import Context, Item
+from unisd_fast.train.loop import Context
 from unisd_fast.train.models.tiny import build_tiny_model, build_tokenizer
 from unisd_fast.train.step import StepSetup, accumulate
 from unisd_fast.train.teachers import Runner, Scorer
@@ -58,7 +59,7 @@ def build(method: str, normalize: str, loss_path: str):
     setup = StepSetup(
         runner,
         Scorer(teacher),
-        None if method == "sft" else cfg.loss_config(),
+        cfg.loss_config(),
         Parallel(),
         loss_path,
         sampler=lambda pos, its: completions(pos, its, vocab),

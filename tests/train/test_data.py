@@ -1,14 +1,16 @@
 """Data files, built-in tasks, prompt templates, and TrainConfig validation/CLI."""
 
+import dataclasses
 import json
 
 import pytest
 
 from unisd_fast.train import tasks as data
-from unisd_fast.train.config import ConfigError, TrainConfig, parse_args
+from unisd_fast.train.config import TrainConfig, parse_args
+from unisd_fast.train.errors import ConfigError, DataError
 from unisd_fast.train.models.tiny import build_tokenizer
 from unisd_fast.train.prompts import PromptEncoder, PromptTemplates
-from unisd_fast.train.tasks import DataError, Example, load_jsonl, load_task
+from unisd_fast.train.tasks import Example, load_jsonl, load_task
 
 
 def write_jsonl(path, records):
@@ -44,6 +46,17 @@ def test_load_jsonl_reads_optional_fields(tmp_path):
 )
 def test_bad_data_line_names_line_and_field(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "demonstration": "ok"}, line])
+    with pytest.raises(DataError, match=message):
+        load_jsonl(path)
+
+
+def test_a_missing_field_names_the_unknown_keys_of_its_line(tmp_path):
+    line = {"prompt": "p", "demonstraton": "d", "id": 3}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "demonstration": "ok"}, line])
+    message = (
+        r"d.jsonl:2: missing field 'demonstration'; unknown keys on the line: 'demonstraton' "
+        r"\(did you mean 'demonstration'\?\), 'id'; the fields are prompt, demonstration"
+    )
     with pytest.raises(DataError, match=message):
         load_jsonl(path)
 
@@ -108,6 +121,16 @@ def test_config_rejects_bad_values_naming_the_field():
     with pytest.raises(ConfigError, match="max_steps must be int"):
         TrainConfig(max_steps=2.5)
     assert TrainConfig(lr=1).lr == 1.0
+
+
+def test_the_loss_config_is_built_once_with_the_config():
+    cfg = TrainConfig(method="sd", clip=5.0)
+    assert cfg.loss_config() is cfg.loss_config() and cfg.loss_config().clip == 5.0
+    assert cfg.replace(clip=2.0).loss_config().clip == 2.0 and cfg.loss_config().clip == 5.0
+    assert TrainConfig(method="sft").loss_config() is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.clip = 1.0  # what was checked is what runs
+    assert "_loss" not in cfg.to_dict() and cfg == TrainConfig(method="sd", clip=5.0)
 
 
 def test_config_file_and_flags(tmp_path):

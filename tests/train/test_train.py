@@ -184,7 +184,7 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
 
 
 def test_schedule_order_and_view_references_are_seeded():
-    from unisd_fast.train.loop import Schedule
+    from unisd_fast.train.data import Schedule
 
     cfg = TrainConfig(batch_size=3, grad_accum=2, seed=7)
     a, b = Schedule(10, cfg), Schedule(10, cfg)

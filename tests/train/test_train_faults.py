@@ -12,11 +12,16 @@ import torch
 
 from unisd_fast.config import UniSDConfig
 from unisd_fast.train import loop, main, run, step
-from unisd_fast.train.config import ConfigError, TrainConfig, parse_args
-from unisd_fast.train.guard import TrainingDiverged
-from unisd_fast.train.lock import LOCK_NAME, OutputDirLocked
-from unisd_fast.train.resume import CheckpointError
-from unisd_fast.train.tasks import DataError, load_jsonl
+from unisd_fast.train.config import TrainConfig, parse_args
+from unisd_fast.train.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputDirLocked,
+    TrainingDiverged,
+)
+from unisd_fast.train.lock import LOCK_NAME
+from unisd_fast.train.tasks import load_jsonl
 
 TINY = dict(
     method="sft",

@@ -54,10 +54,6 @@ def find_checkpoint(resume: str, output_dir) -> Path:
     return path
 
 
-def read_checkpoint_config(path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-
-
 def save_checkpoint(output_dir, step: int, state: dict, config: dict, keep: int) -> Path:
     """Write atomically, then delete all but the newest ``keep`` checkpoints."""
     root = Path(output_dir)
@@ -74,7 +70,3 @@ def save_checkpoint(output_dir, step: int, state: dict, config: dict, keep: int)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
     return final
-
-
-def load_state(path) -> dict:
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)

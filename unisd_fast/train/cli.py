@@ -1,29 +1,42 @@
 """``unisd-train`` / ``python -m unisd_fast.train``: the command line of the trainer.
 
-Importing this module needs nothing beyond the standard library, so that a missing
-``[train]`` extra is reported as such."""
+The arguments are read before torch and transformers are imported, so that ``--help`` and
+argument errors answer at once: this module, :mod:`.config` and :mod:`.errors` need only the
+standard library and ``unisd_fast.config``; a missing ``[train]`` extra is reported as such.
+"""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import logging
 import os
 import sys
 
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputDirLocked,
+    TrainingDiverged,
+)
+
 EXTRA = ("transformers", "tqdm", "yaml")
 INSTALL = 'pip install "unisd-fast[train]"'
+# Reported in one line with exit status 2: the input is wrong, nothing was trained.
+BAD_INPUT = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    OutputDirLocked,
+)
 
 
 def missing_extra() -> list[str]:
-    """The modules of the ``[train]`` extra that cannot be imported."""
-    missing = []
-    for name in EXTRA:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
+    """The modules of the ``[train]`` extra that are not installed (found, not imported)."""
+    return [name for name in EXTRA if importlib.util.find_spec(name) is None]
 
 
 def main(argv=None) -> int:
@@ -35,25 +48,15 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    from .compare import run_reported
-    from .config import ConfigError, parse_args
-    from .guard import TrainingDiverged
-    from .lock import OutputDirLocked
-    from .resume import CheckpointError
-    from .tasks import DataError
+    from .config import parse_args
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = parse_args(argv)
+        from .compare import run_reported  # torch, transformers and the trainer
+
         summary = run_reported(cfg)
-    except (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        FileNotFoundError,
-        FileExistsError,
-        OutputDirLocked,
-    ) as e:
+    except BAD_INPUT as e:
         print(f"unisd-train: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .config import METHOD_DEFAULTED, TrainConfig
 from .lock import output_dir_lock
-from .loop import check_output_dir, cpu_threads, run
+from .loop import cpu_threads, run
+from .resume import find_start
 from .tasks import prepare_task
 
 log = logging.getLogger("unisd_fast.compare")
@@ -85,8 +86,8 @@ def run_compare(cfg: TrainConfig) -> dict:
     for m in methods:
         only_distill = dict.fromkeys(METHOD_DEFAULTED) if m == "sft" else {}
         runs[m] = cfg.replace(method=m, compare=None, output_dir=str(root / m), **only_distill)
-    for method_cfg in runs.values():
-        check_output_dir(method_cfg)
+    for method_cfg in runs.values():  # before the shared preparation, which may take minutes
+        find_start(method_cfg)
     started = time.perf_counter()
     with output_dir_lock(root), cpu_threads(cfg):
         cfg = prepare_task(cfg)

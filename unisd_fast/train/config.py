@@ -3,7 +3,9 @@
 Flags are generated from the fields (``lora_r`` -> ``--lora-r``); ``--config file.yaml|json``
 supplies field values that explicit flags override. The loss fields are generated from
 UniSDConfig's, one each; left at None they take the method's defaults (``--method``), and
-setting one switches that mechanism on or off by itself.
+setting one switches that mechanism on or off by itself. This module imports only the
+standard library and ``unisd_fast.config`` (and yaml for a config file): the command line
+reads its arguments before torch is imported.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,21 +24,21 @@ from ..config import (
     AGREEMENT_STATS,
     AGREEMENTS,
     DIVERGENCES,
+    IMPLS,
     NORMALIZATIONS,
     PRESETS,
     UniSDConfig,
 )
-from .checkpoint import find_checkpoint
-from .resume import read_config
+from .errors import ConfigError
 
 METHODS = ("sft", "ema", *PRESETS)
-EMA_DEFAULTS = {"ema": (0.9, 10), "unisd_star": (0.98, 10)}
+EMA_DEFAULTS = {"ema": (0.9, 10), "unisd_star": (0.98, 10)}  # (beta, every); others: no EMA
 # One optional TrainConfig field per UniSDConfig field (None: the method's value).
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(UniSDConfig))
 LOSS_HELP = {
     "divergence": "divergence",
     "jsd_alpha": "JSD alpha (with --divergence jsd)",
-    "temperature": "logit temperature tau of the loss (default 0.7)",
+    "temperature": "logit temperature tau of the loss",
     "clip": "clip the per-token divergence at this value",
     "clip_quantile": "clip the divergence at this batch quantile",
     "agreement": "multi-teacher agreement weighting; bare --agreement = token",
@@ -44,7 +47,7 @@ LOSS_HELP = {
     "agreement_cap": "cap of the scaled disagreement in the agreement weight",
     "agreement_floor": "lower bound of the agreement weight",
     "agreement_stat": "disagreement statistic over the views",
-    "view_temperature": "temperature of the view log-probs (default 1)",
+    "view_temperature": "temperature of the view log-probs",
     "contrastive_weight": "weight of the contrastive hinge (0 = off)",
     "contrastive_margin": "margin of the contrastive hinge",
     "feature_weight": "weight of hidden-state feature matching (0 = off)",
@@ -86,9 +89,12 @@ def _with_loss_fields(cls):
     return cls
 
 
-@dataclass
+@dataclass(frozen=True)
 @_with_loss_fields
 class TrainConfig:
+    """Every option of a run; checked when built (``replace`` builds a new one), and frozen
+    so that what was checked is what runs. The loss config is built once, here."""
+
     # model
     model: str = _f("tiny", "'tiny' (built locally, random init) or a transformers id/path")
     tiny_arch: str = _f("qwen2", "architecture of the tiny model", choices=("qwen2", "llama"))
@@ -117,7 +123,7 @@ class TrainConfig:
         "JSONL file (prompt, demonstration[, negative, answer]), or builtin:NAME of a built-in "
         "task (builtin alone: facts)",
     )
-    eval_data: str | None = _f(None, "held-out JSONL; default: hold out --eval-size examples")
+    eval_data: str | None = _f(None, "held-out JSONL; None: hold out --eval-size examples")
     eval_size: int = _f(16, "examples held out of --data for evaluation when no --eval-data")
     max_prompt_tokens: int = _f(
         3072, "drop examples whose teacher/negative prompt is longer; views are left-truncated"
@@ -128,10 +134,8 @@ class TrainConfig:
     method: str = _f("unisd_star", "training method", choices=METHODS)
     num_views: int = _f(3, "number of teacher views K (with agreement)")
     ema_beta: float | None = _f(None, "EMA teacher beta; 0 = no EMA (ema: 0.9, unisd_star: 0.98)")
-    ema_every: int | None = _f(None, "EMA update every n optimizer steps (default 10)")
-    loss_impl: str = _f(
-        "auto", "unisd_loss implementation", choices=("auto", "torch", "triton", "reference")
-    )
+    ema_every: int | None = _f(None, "EMA update every n optimizer steps")
+    loss_impl: str = _f("auto", "unisd_loss implementation", choices=IMPLS)
     loss_path: str = _f(
         "linear",
         "linear: the loss from lm_head inputs and head weights (unisd_linear_loss, no logits "
@@ -183,9 +187,9 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        self.validate()
+        self._validate()
 
-    def validate(self) -> None:
+    def _validate(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -195,7 +199,7 @@ class TrainConfig:
                 and float in _types(hints[f.name])
             ):
                 value = float(value)
-                setattr(self, f.name, value)
+                object.__setattr__(self, f.name, value)
             _check_type(f.name, value, hints[f.name])
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be finite, got {value}")
@@ -240,11 +244,7 @@ class TrainConfig:
             if self.compare is not None and name.strip() not in METHODS:
                 raise ConfigError(f"compare: {name.strip()!r} is not a method of {METHODS}")
         self._check_combinations()
-        if self.method != "sft":
-            try:
-                self.loss_config()
-            except (TypeError, ValueError) as e:
-                raise ConfigError(str(e).replace("UniSDConfig.", "")) from None
+        object.__setattr__(self, "_loss", self._build_loss())
 
     def _check_combinations(self) -> None:
         if self.method == "sft":
@@ -269,15 +269,25 @@ class TrainConfig:
                 "peft keeps the adapters in float32)"
             )
 
-    def loss_config(self) -> UniSDConfig:
+    def _build_loss(self) -> UniSDConfig | None:
         """The method's UniSDConfig preset with every loss field that is set overriding it."""
-        preset = "sd" if self.method in ("sft", "ema") else self.method
+        if self.method == "sft":
+            return None
+        preset = "sd" if self.method == "ema" else self.method
         overrides = {n: getattr(self, n) for n in LOSS_FIELDS if getattr(self, n) is not None}
-        return UniSDConfig.preset(preset, **overrides)
+        try:
+            return UniSDConfig.preset(preset, **overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e).replace("UniSDConfig.", "")) from None
+
+    def loss_config(self) -> UniSDConfig | None:
+        """The run's loss config (built and checked with this config); None for sft, which
+        trains with cross-entropy on the demonstrations."""
+        return self._loss
 
     def ema_settings(self) -> tuple[float, int] | None:
         """(beta, every) of the EMA teacher, or None when the teacher is frozen."""
-        beta, every = EMA_DEFAULTS.get(self.method, (0.0, 10))
+        beta, every = method_ema(self.method)
         beta = beta if self.ema_beta is None else self.ema_beta
         every = every if self.ema_every is None else self.ema_every
         return (beta, every) if beta > 0 and self.method != "sft" else None
@@ -289,8 +299,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the field."""
+def method_ema(method: str) -> tuple[float, int]:
+    """The method's (ema_beta, ema_every); beta 0 is a frozen teacher."""
+    return EMA_DEFAULTS.get(method, (0.0, 10))
 
 
 def _types(hint) -> tuple:
@@ -348,24 +359,69 @@ def _parse_optional(kind):
     return parse
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown_default(bare: TrainConfig, name: str) -> str:
+    """A field's default as ``--help`` shows it: its value in the default run; for a loss or
+    EMA option that run leaves unset, the value its method gives."""
+    value = getattr(bare, name)
+    if value is not None or name not in METHOD_DEFAULTED:
+        return str(value)
+    if name in LOSS_FIELDS:
+        value = getattr(bare.loss_config(), name)
+    else:
+        value = method_ema(bare.method)[("ema_beta", "ema_every").index(name)]
+    return f"the method's, {bare.method}: {value}"
+
+
+def _epilog(bare_values: dict) -> str:
+    builtin = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    builtin.update(dict.fromkeys(METHOD_DEFAULTED, "(the method's)"))
+    changed = [f"{_flag(n)} {builtin[n]}" for n, v in bare_values.items() if v != builtin[n]]
+    return (
+        "The defaults shown are those of the default run, the one the bare command makes: "
+        f"the config file {DEFAULT_CONFIG} (UniSD* on the built-in facts task; a tiny model, "
+        "pre-trained first, then fully fine-tuned). With --config, --data or --model that file "
+        "is not read, and the fields it sets start from their built-in values instead: "
+        + ", ".join(changed)
+        + ". Loss and EMA options left unset take the method's value (docs/trainer.md, "
+        '"Methods").'
+    )
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, wrapped between words only (a flag is never split at a hyphen)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text, width, indent):
+        lines = self._split_lines(" ".join(text.split()), width - len(indent))
+        return "\n".join(indent + line for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per field; each help ends with the field's value in the default run
+    (:data:`DEFAULT_CONFIG`), and the epilog says which values change without it."""
+    bare_values = load_config_file(DEFAULT_CONFIG)
+    bare = TrainConfig(**bare_values)
     parser = argparse.ArgumentParser(
         prog="unisd-train",
         description="UniSD on-policy self-distillation of a causal LM (and its baselines).",
-        epilog="Without --config, --data and --model, unisd-train runs the default job: the "
-        f"config file {DEFAULT_CONFIG} (UniSD* on the built-in facts task), which the flags "
-        "given override.",
+        epilog=_epilog(bare_values),
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML or JSON file of field values; flags override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         allowed = _types(hints[f.name])
         kind = next(t for t in allowed if t is not type(None))
         meta = f.metadata
-        default = "the method's" if f.name in METHOD_DEFAULTED else f.default
-        help_text = f"{meta['help']} (default: {default})"
+        help_text = f"{meta['help']} (default: {_shown_default(bare, f.name)})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
@@ -395,6 +451,9 @@ def parse_args(argv=None) -> TrainConfig:
     defaults = load_config_file(DEFAULT_CONFIG) if bare else {}
     values.update(args)
     if values.get("resume"):
+        from .checkpoint import find_checkpoint  # torch: only once the arguments are read
+        from .resume import read_config
+
         output_dir = values.get("output_dir", defaults.get("output_dir", TrainConfig.output_dir))
         saved = read_config(find_checkpoint(values["resume"], output_dir))
         for name in ("resume", "overwrite", "compare"):

@@ -1,8 +1,8 @@
 """Evaluation on held-out prompts: task accuracy with greedy decoding, and retention.
 
-Retention (METHOD.md, "Evaluation") is measured on the tuned model's greedy generations y:
-``retention_ppl = mean_examples exp(-mean_t log p_base(y_t | x, y_<t))`` and ``kl_base``, the
-token mean of KL(p_tuned || p_base) over the same positions.
+Retention (docs/trainer.md, "Outputs", the ``eval`` record) is measured on the tuned model's
+greedy generations y: ``retention_ppl = mean_examples exp(-mean_t log p_base(y_t | x, y_<t))``
+and ``kl_base``, the token mean of KL(p_tuned || p_base) over the same positions.
 """
 
 from __future__ import annotations

@@ -14,13 +14,11 @@ import math
 
 import torch
 
+from .errors import TrainingDiverged
+
 ZERO_GRAD_STEPS = 5
 
 log = logging.getLogger("unisd_fast.train")
-
-
-class TrainingDiverged(RuntimeError):
-    """The run cannot go on: repeated non-finite steps, or non-finite weights."""
 
 
 class StepGuard:

@@ -14,14 +14,12 @@ import shutil
 import socket
 from pathlib import Path
 
+from .errors import OutputDirLocked
+
 LOCK_NAME = ".unisd-train.lock"
 TEMPORARY_PREFIX = ".tmp-"
 
 log = logging.getLogger("unisd_fast.train")
-
-
-class OutputDirLocked(RuntimeError):
-    """Another live run holds the output folder."""
 
 
 def _running(pid: int) -> bool:

@@ -9,8 +9,9 @@ import importlib.util
 import torch
 
 from ..losses import triton_available_for
-from .config import ConfigError, TrainConfig
-from .tasks import DataError, Task, load_task
+from .config import TrainConfig
+from .errors import ConfigError, DataError
+from .tasks import Task, load_task
 
 
 def check_environment(cfg: TrainConfig) -> None:
@@ -46,9 +47,9 @@ def check_environment(cfg: TrainConfig) -> None:
 def check_examples(cfg: TrainConfig, task: Task) -> None:
     """DataError when the training set cannot feed the method: examples without a negative
     are dropped under the contrastive term, and each of K views shows another example."""
-    if cfg.method == "sft":
-        return
     loss = cfg.loss_config()
+    if loss is None:  # sft
+        return
     usable = len(task.train)
     if loss.needs_negative:
         usable = sum(ex.negative is not None for ex in task.train)

@@ -1,4 +1,4 @@
-"""Prompt templates of the method (METHOD.md, "Roles and prompts") and their tokenization.
+"""Prompt templates of the roles (docs/trainer.md, "Roles") and their tokenization.
 
 The student sees the bare prompt. The teacher sees a reference block with the gold
 demonstration, an instruction to solve the problem its own way, then the prompt. A view sees

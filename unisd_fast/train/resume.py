@@ -1,13 +1,18 @@
-"""Resuming a run (docs/trainer.md, "Resume"): reading a checkpoint with errors that name the
-file, refusing to continue a different run, and the learning rate of the continued schedule.
+"""Where a run starts (docs/trainer.md, "Outputs", Resume): the checkpoint it resumes or the
+stale ones it overwrites, reading a checkpoint with errors that name the file, refusing to
+continue a different run, and the learning rate of the continued schedule.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .checkpoint import find_checkpoint, list_checkpoints
+from .errors import CheckpointError
 
 # Settings a resumed run must share with its checkpoint: the model and what it is trained for.
 FIXED = (
@@ -22,8 +27,34 @@ FIXED = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not belong to this run; names the file."""
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts in its output folder: ``checkpoint`` (None: at step 0) and the
+    config values it was saved with, or ``stale``, an earlier run's checkpoints that
+    ``--overwrite`` deletes."""
+
+    checkpoint: Path | None = None
+    saved: dict | None = None
+    stale: tuple[Path, ...] = ()
+
+
+def find_start(cfg) -> Start:
+    """The Start of ``cfg``'s run, after the cheap checks of a resumed checkpoint (its config
+    read, its state file present); FileExistsError when the output folder holds checkpoints
+    and neither ``resume`` nor ``overwrite`` is set."""
+    out = Path(cfg.output_dir)
+    if cfg.resume:
+        checkpoint = find_checkpoint(cfg.resume, out)
+        saved = read_config(checkpoint)
+        check_state_file(checkpoint)
+        return Start(checkpoint, saved)
+    stale = tuple(list_checkpoints(out))
+    if stale and not cfg.overwrite:
+        raise FileExistsError(
+            f"output_dir {str(out)!r} already holds checkpoints ({stale[-1].name}); pass --resume "
+            "to continue, --overwrite to start afresh, or another --output-dir"
+        )
+    return Start(stale=stale)
 
 
 def read_config(checkpoint) -> dict:
@@ -74,7 +105,7 @@ def check_compatible(saved: dict, cfg, checkpoint) -> None:
         for name in FIXED
         if _key(name, getattr(before, name)) != _key(name, getattr(cfg, name))
     ]
-    if not diffs and cfg.method != "sft" and before.loss_config() != cfg.loss_config():
+    if not diffs and before.loss_config() != cfg.loss_config():  # same method: both None or set
         old, new = before.loss_config().__dict__, cfg.loss_config().__dict__
         diffs += [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
     if before.ema_settings() != cfg.ema_settings():

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
 from . import facts
 from .arithmetic import arithmetic_task
-from .base import DataError, Example, Task, exact_match
+from .base import Example, Task, exact_match
 from .jsonl import load_jsonl
 
 

@@ -1,4 +1,4 @@
-"""What a task is: examples, the Task record and the data error."""
+"""What a task is: examples and the Task record."""
 
 from __future__ import annotations
 
@@ -40,7 +40,3 @@ class Task:
     score: Callable[[str, Example], bool] = exact_match
     retention_prompts: list[str] | None = None
     templates: PromptTemplates = field(default_factory=PromptTemplates)
-
-
-class DataError(ValueError):
-    """A data file is malformed; the message names the file, line and field."""

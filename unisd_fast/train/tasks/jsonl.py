@@ -2,14 +2,17 @@
 
 A line holds ``prompt`` and ``demonstration`` (strings) and optionally ``negative`` (a wrong
 demonstration, for the contrastive teacher) and ``answer`` (what task accuracy compares the
-greedy completion with; the demonstration when absent). Other keys are ignored."""
+greedy completion with; the demonstration when absent). Other keys are ignored, but a line
+that lacks a field names them (a misspelt key is the likely cause)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
-from .base import DataError, Example
+from ..errors import DataError
+from .base import Example
 
 
 def load_jsonl(path) -> list[Example]:
@@ -40,14 +43,31 @@ def load_jsonl(path) -> list[Example]:
     return examples
 
 
+FIELDS = ("prompt", "demonstration", "negative", "answer")
+REQUIRED = ("prompt", "demonstration")
+
+
+def _unknown_keys(record: dict) -> str:
+    """What a missing-field error adds when the line holds keys that are no field: each
+    named, with the field it is closest to (``'demonstraton' (did you mean ...?)``)."""
+    unknown = [k for k in record if k not in FIELDS]
+    if not unknown:
+        return ""
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), FIELDS, n=1)
+        named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"; unknown keys on the line: {', '.join(named)}; the fields are {', '.join(FIELDS)}"
+
+
 def _example(record: dict, where: str) -> Example:
     values = {}
-    for name in ("prompt", "demonstration", "negative", "answer"):
+    for name in FIELDS:
         value = record.get(name)
-        required = name in ("prompt", "demonstration")
+        required = name in REQUIRED
         if value is None:
             if required:
-                raise DataError(f"{where}: missing field {name!r}")
+                raise DataError(f"{where}: missing field {name!r}{_unknown_keys(record)}")
             continue
         if not isinstance(value, str) or (required and not value.strip()):
             raise DataError(
