@@ -11,6 +11,7 @@ import torch
 from ..losses import triton_available_for
 from .config import TrainConfig
 from .errors import ConfigError, DataError
+from .models.load import resolve_device
 from .tasks import Task, load_task
 
 
@@ -32,9 +33,7 @@ def check_environment(cfg: TrainConfig) -> None:
             torch.device(device)
         except RuntimeError as e:
             raise ConfigError(f"device {device!r} is not a torch device: {e}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    resolved = resolve_device(cfg)
     if cfg.loss_impl == "triton" and not triton_available_for(resolved):
         raise ConfigError(
             f"loss_impl 'triton' needs a CUDA device (the run is on {resolved.type}); use "
