@@ -300,6 +300,10 @@ def test_errors_come_before_any_model_is_built(tmp_path, data, monkeypatch):
     cfg = cfg.replace(output_dir=out)
     with pytest.raises(DataError, match="3 teacher views need more than 3 training examples"):
         run(cfg)
+    elsewhere = tmp_path / "untouched"
+    with pytest.raises(ConfigError, match="device 'nope' is not a torch device"):
+        run(TrainConfig(device="nope", output_dir=str(elsewhere), **data, **TINY))
+    assert not elsewhere.exists()  # checked before the output folder is locked
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device is available"):
             run(TrainConfig(device="cuda", output_dir=out, **data, **TINY))

@@ -40,7 +40,7 @@ from .lock import output_dir_lock
 from .metrics import Metrics, append_summary
 from .models.load import eos_ids_of, load_model, resolve_device
 from .optimizer import build_optimizer
-from .preflight import preflight
+from .preflight import check_environment, checked_task
 from .prompts import PromptEncoder
 from .resume import Start, check_compatible, find_start
 from .roles import Roles, build_roles
@@ -110,6 +110,7 @@ def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
     an interrupted run's temporary folders, and the environment, the data and the resumed
     checkpoint are checked (:mod:`.preflight`, :mod:`.resume`)."""
     started = time.perf_counter()
+    check_environment(cfg)
     par = distributed.setup(cfg.parallel, resolve_device(cfg))
     try:
         with output_dir_lock(cfg.output_dir), cpu_threads(cfg):
@@ -119,9 +120,9 @@ def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
 
 
 def _prepared_run(cfg: TrainConfig, task, sampler, par: Parallel, started: float) -> dict:
-    # Checks that need no model: where the run starts, the environment, the data.
+    # Checks that need no model: where the run starts, the data.
     start = find_start(cfg)
-    task = preflight(cfg, task)
+    task = checked_task(cfg, task)
     # The task's one-off preparation, rank 0 first (the facts task pre-trains its base).
     if par.is_main:
         cfg = prepare_task(cfg)

@@ -16,6 +16,8 @@ from .tasks import Task, load_task
 
 
 def check_environment(cfg: TrainConfig) -> None:
+    """ConfigError when this machine cannot run ``cfg``: the device, the loss implementation
+    on it, peft for LoRA. Run first: the device is resolved from here on."""
     device = cfg.device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -65,9 +67,8 @@ def check_examples(cfg: TrainConfig, task: Task) -> None:
         )
 
 
-def preflight(cfg: TrainConfig, task: Task | None = None) -> Task:
-    """The task ``cfg.data`` names (or ``task``), after every check that needs no model."""
-    check_environment(cfg)
+def checked_task(cfg: TrainConfig, task: Task | None = None) -> Task:
+    """The task ``cfg.data`` names (or ``task``), loaded and checked against the method."""
     if task is None:
         task = load_task(cfg.data, cfg.eval_data, cfg.eval_size, cfg.seed)
     check_examples(cfg, task)
