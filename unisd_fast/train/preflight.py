@@ -8,7 +8,7 @@ import importlib.util
 
 import torch
 
-from ..losses import triton_available_for
+from .. import resolve_impl
 from .config import ConfigError, TrainConfig
 from .tasks import DataError, Task, load_task
 
@@ -34,11 +34,13 @@ def check_environment(cfg: TrainConfig) -> None:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
-    if cfg.loss_impl == "triton" and not triton_available_for(resolved):
+    try:
+        resolve_impl(cfg.loss_impl, resolved)
+    except RuntimeError:
         raise ConfigError(
-            f"loss_impl 'triton' needs a CUDA device (the run is on {resolved.type}); use "
-            "--loss-impl auto or torch on CPU"
-        )
+            f"loss_impl {cfg.loss_impl!r} needs a CUDA device (the run is on {resolved.type}); "
+            "use --loss-impl auto or torch on CPU"
+        ) from None
     if cfg.lora_r > 0 and importlib.util.find_spec("peft") is None:
         raise ConfigError('LoRA needs peft (pip install "unisd-fast[train]"), or pass --lora-r 0')
 
