@@ -7,7 +7,7 @@ compile-dynamic  torch.compile of eager with dynamic shapes (one compilation for
 unisd         unisd_fast.unisd_loss(impl="auto"): Triton on CUDA, the chunked torch path on CPU
 unisd-torch   impl="torch" (the same as unisd on CPU, so left out of CPU sweeps by default)
 unisd-triton  impl="triton": compiled on CUDA; on CPU only in Triton's interpreter
-unisd-stream  impl="torch" with its small-input path off (torch_backend.SMALL_ELEMENTS = 0):
+unisd-stream  impl=TorchBackend(small_elements=0), the PyTorch path with its small-input path off:
               the two streaming passes at every size, to measure what that path saves
 liger         Liger-Kernel's LigerJSD over fp32 log_softmax (beta=0 is forward KL), for the
               presets whose math it covers: fkl or jsd, no clip, agreement, contrastive or
@@ -83,18 +83,10 @@ def _liger_fn(cfg):
 
 def _streaming_fn(cfg):
     import unisd_fast
-    from unisd_fast import torch_backend
+    from unisd_fast.backends.pytorch import TorchBackend
 
-    def fn(inputs):
-        # the forward picks the path (and the backward follows it): restore at once, so
-        # that providers sharing this process keep the default
-        saved, torch_backend.SMALL_ELEMENTS = torch_backend.SMALL_ELEMENTS, 0
-        try:
-            return unisd_fast.unisd_loss(**inputs, config=cfg, impl="torch").loss
-        finally:
-            torch_backend.SMALL_ELEMENTS = saved
-
-    return fn
+    backend = TorchBackend(small_elements=0)
+    return lambda inputs: unisd_fast.unisd_loss(**inputs, config=cfg, impl=backend).loss
 
 
 def make(name: str, cfg):

@@ -57,8 +57,10 @@ def build_model(shape: str, layers: int | None, tokenizer):
 
 def measure(args) -> dict:
     from unisd_fast.train.config import TrainConfig
+    from unisd_fast.train.data import Item
     from unisd_fast.train.distributed import Parallel, clip_grad_norm
-    from unisd_fast.train.loop import Context, Item, add_lora
+    from unisd_fast.train.loop import Context
+    from unisd_fast.train.models.load import add_lora
     from unisd_fast.train.models.tiny import build_tokenizer
     from unisd_fast.train.step import StepSetup, accumulate
     from unisd_fast.train.teachers import EMATeacher, Runner, Scorer

@@ -3,17 +3,27 @@
 import torch
 
 import unisd_fast as usd
+from unisd_fast.backends.pytorch import TorchBackend
+from unisd_fast.backends.triton import TritonBackend
 
 GRAD_SCALE = 1.7
 
 
-def resolve_impl(impl, monkeypatch):
-    """``impl`` as unisd_loss takes it. "torch-stream" is impl="torch" with its small-input
-    path off (``SMALL_ELEMENTS = 0``), so that small test shapes run the streaming passes."""
+def resolve_impl(impl):
+    """``impl`` as unisd_loss takes it. "torch-stream" is a PyTorch backend with its
+    small-input path off (``small_elements=0``), so that small test shapes run the streaming
+    passes."""
     if impl == "torch-stream":
-        monkeypatch.setattr(usd.torch_backend, "SMALL_ELEMENTS", 0)
-        return "torch"
+        return TorchBackend(small_elements=0)
     return impl
+
+
+def with_settings(impl, torch=None, triton=None):
+    """``impl`` ("torch", "triton" or a backend) as a backend whose settings take the
+    changes ``torch`` (TorchSettings fields) or ``triton`` (TritonSettings fields)."""
+    if impl == "triton" or isinstance(impl, TritonBackend):
+        return TritonBackend(getattr(impl, "settings", None), **(triton or {}))
+    return TorchBackend(getattr(impl, "settings", None), **(torch or {}))
 
 
 def make_inputs(B, T, V, K=3, H=16, device="cpu", dtype=torch.float32, noise=0.5):

@@ -18,12 +18,12 @@ SCRIPT = textwrap.dedent("""
     import sys, warnings
     import torch
     import unisd_fast as usd
-    from unisd_fast import torch_backend
+    from unisd_fast.backends.pytorch import TorchBackend
     from linear_inputs import make_case
 
     warnings.filterwarnings("error", message="unisd_fast")
-    assert torch_backend.default_backend().is_compiled
-    torch_backend.COMPILE_MIN_ELEMENTS = 0
+    backend = TorchBackend(compile_min_elements=0)
+    assert backend.is_compiled
     rows = int(sys.argv[1])
     torch.manual_seed(0)
     case = make_case(B=2, T=8, H=16, V=1000, bias=False)
@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
     for softcap in (None, 30.0):
         out = usd.unisd_linear_loss(hs, case["student_weight"], case["teacher_hidden"],
                                     case["teacher_weight"], case["labels"], config=cfg,
-                                    logit_softcap=softcap, chunk_bytes=rows * 2 * 1000 * 4)
+                                    logit_softcap=softcap, chunk_bytes=rows * 2 * 1000 * 4,
+                                    impl=backend)
         out.loss.backward()
     z = torch.randn(2, 8, 1000)
     u = z + 0.1 * torch.randn(2, 8, 1000)
@@ -40,7 +41,8 @@ SCRIPT = textwrap.dedent("""
     x = stacked.clone().requires_grad_()
     y = torch.randint(0, 1000, tuple(x.shape[:2]))
     teacher = x.detach() + 0.1
-    usd.unisd_loss(x * 1, teacher, y, config=cfg, inplace_backward=True).loss.backward()
+    usd.unisd_loss(x * 1, teacher, y, config=cfg, inplace_backward=True,
+                   impl=backend).loss.backward()
     assert torch.isfinite(hs.grad).all() and torch.isfinite(x.grad).all()
     print("compiled ok", rows)
 """)

@@ -11,22 +11,23 @@ SCRIPT = textwrap.dedent("""
     import itertools
     import torch
     import unisd_fast as usd
+    from unisd_fast.backends.pytorch import TorchBackend
     from loss_inputs import make_inputs, run_loss
 
-    assert usd.torch_backend.default_backend().is_compiled
-    usd.torch_backend.COMPILE_MIN_ELEMENTS = 0
+    backends = {small: TorchBackend(compile_min_elements=0, small_elements=small)
+                for small in (1 << 20, 0)}
+    assert all(b.is_compiled for b in backends.values())
     torch.manual_seed(0)
-    # small inputs take the one-call path (stats and divergence gradient); SMALL_ELEMENTS = 0
+    # small inputs take the one-call path (stats and divergence gradient); small_elements=0
     # turns it off, so the streaming passes run too
     for small, preset, dtype in ((1 << 20, "unisd_star", torch.float32),
                                  (0, "unisd_star", torch.float32),
                                  (1 << 20, "gkd", torch.bfloat16), (0, "gkd", torch.bfloat16)):
-        usd.torch_backend.SMALL_ELEMENTS = small
         cfg = usd.UniSDConfig.preset(preset)
         for T in (8, 5):  # a second row count reuses the dynamic-rows graph
             inputs = make_inputs(B=2, T=T, V=1000, dtype=dtype)
             exp, (ez, eh) = run_loss(inputs, cfg, "reference", upcast=True)
-            got, (gz, gh) = run_loss(inputs, cfg, "torch")
+            got, (gz, gh) = run_loss(inputs, cfg, backends[small])
             tol = 2e-6 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(got.loss.double(), exp.loss, atol=tol, rtol=tol)
             torch.testing.assert_close(gz.double(), ez, atol=tol, rtol=tol)
@@ -41,12 +42,11 @@ SCRIPT = textwrap.dedent("""
     u = torch.randn(2, 4, 32000, generator=gen) * 3
     y = torch.randint(0, 32000, (2, 4), generator=gen)
     for small, eps in itertools.product((1 << 20, 0), (0.002, 0.5)):
-        usd.torch_backend.SMALL_ELEMENTS = small
         z = u + eps * torch.randn(2, 4, 32000, generator=gen)
         for divergence in ("fkl", "rkl", "jsd"):
             cfg = usd.UniSDConfig(divergence=divergence, temperature=0.7)
             grads = []
-            for x, impl in ((z.double(), "reference"), (z, "torch")):
+            for x, impl in ((z.double(), "reference"), (z, backends[small])):
                 x = x.clone().requires_grad_()
                 usd.unisd_loss(x, u.to(x.dtype), y, config=cfg, impl=impl).loss.backward()
                 grads.append(x.grad.double())
@@ -67,10 +67,10 @@ BUFFERS = textwrap.dedent("""
     import re
     import torch
     from torch._inductor.utils import run_and_get_code
-    from unisd_fast import torch_backend as tb
+    from unisd_fast.backends.pytorch import TorchBackend, backend as tb
 
     R, V = 8, 1000
-    backend = tb.TorchBackend(compile=True)
+    backend = TorchBackend(compile=True)
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(R, V, generator=gen) * 3
     z = u + 0.5 * torch.randn(R, V, generator=gen)
@@ -79,18 +79,20 @@ BUFFERS = textwrap.dedent("""
     tau, alpha = torch.tensor(0.7), torch.tensor(0.5)
     for fn in tb.BLOCK_FUNCTIONS:
         name = fn.__name__
-        if name.startswith("_stats"):
+        if name.startswith("stats_grad_shifted"):
+            args = (z, u, y, keep, tau)
+        elif name.startswith("stats"):
             args = (z, u, y, keep, tau, alpha)
-        elif name == "_label_block":
+        elif name == "label_block":
             args = (z, y, keep, tau)
-        elif name.startswith("_grad_into"):
+        elif name.startswith("grad_into"):
             args = (z.clone(), u.clone(), y, *(row,) * 7, tau, alpha)
         else:
             args = (torch.empty(R, V), z, u, y, *(row,) * 7, tau, alpha)
         for a in args:
             if a.dim() > 0:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
-        _, code = run_and_get_code(backend.compiled[fn], *args)
+        _, code = run_and_get_code(backend.compiler.compiled(fn), *args)
         shapes = re.findall(r"empty_strided_cpu\\(\\(([^)]*)\\)", "\\n".join(code))
         print(name, sum(str(V) in s for s in shapes))
 """)
@@ -106,5 +108,5 @@ def test_compiled_passes_allocate_no_block_sized_buffer():
     # passes also keep two (fkl) or one (rkl) rows x V values between their reads (small
     # inputs only: at most 4 MiB each)
     assert {k: int(v) for k, v in counts.items() if v != "0"} == {
-        "_stats_jsd": 2, "_stats_grad_fkl": 1, "_stats_grad_rkl": 1, "_stats_grad_jsd": 3,
-        "_stats_grad_shifted_fkl": 3, "_stats_grad_shifted_rkl": 2}, counts
+        "stats_jsd": 2, "stats_grad_fkl": 1, "stats_grad_rkl": 1, "stats_grad_jsd": 3,
+        "stats_grad_shifted_fkl": 3, "stats_grad_shifted_rkl": 2}, counts

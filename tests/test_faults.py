@@ -12,7 +12,7 @@ import torch
 from loss_inputs import make_inputs
 
 import unisd_fast as usd
-from unisd_fast import validation
+from unisd_fast.ops import checks
 from unisd_fast.validation import validate_inputs
 
 IMPLS = ["reference", "torch", "triton"]
@@ -61,7 +61,7 @@ def test_value_checks_off_the_host_never_read_a_tensor(inputs, monkeypatch):
     def sync(*_):
         raise AssertionError("host sync")
 
-    monkeypatch.setattr(validation, "host_checks", lambda device: False)
+    monkeypatch.setattr(checks, "host_checks", lambda device: False)
     monkeypatch.setattr(torch.Tensor, "__bool__", sync)
     monkeypatch.setattr(torch.Tensor, "item", sync)
     validate_inputs(*args, torch.tensor(5))
@@ -74,10 +74,10 @@ def test_value_checks_off_the_host_never_read_a_tensor(inputs, monkeypatch):
 
 def test_host_checks_only_off_cuda_or_when_asked(monkeypatch):
     monkeypatch.delenv("UNISD_FAST_SYNC_CHECKS", raising=False)
-    assert validation.host_checks(torch.device("cpu"))
-    assert not validation.host_checks(torch.device("cuda"))
+    assert checks.host_checks(torch.device("cpu"))
+    assert not checks.host_checks(torch.device("cuda"))
     monkeypatch.setenv("UNISD_FAST_SYNC_CHECKS", "1")
-    assert validation.host_checks(torch.device("cuda"))
+    assert checks.host_checks(torch.device("cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -195,7 +195,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
     import torch
     import unisd_fast as usd
     if sys.argv[1] == "kernels_first":
-        import unisd_fast.kernels  # decorated for a GPU: the interpreter is off here
+        import unisd_fast.backends.triton  # decorated for a GPU: the interpreter is off here
     os.environ["TRITON_INTERPRET"] = "1"
     z = torch.randn(1, 2, 9)
     labels = torch.tensor([[1, 4]])
@@ -212,7 +212,7 @@ INTERPRET_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter path")
 @pytest.mark.parametrize(("order", "expected"), [
     ("kernels_first", "error: impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
-                      "unisd_fast.kernels was imported"),
+                      "the Triton kernels were imported"),
     ("package_first", "ok: True"),
 ])
 def test_triton_interpret_set_after_the_kernels_import(order, expected):

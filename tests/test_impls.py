@@ -2,16 +2,17 @@
 
 On CPU "triton" runs in Triton's interpreter and "torch" eagerly (conftest); on CUDA the same
 tests run the compiled kernels. "torch-stream" is impl="torch" with its small-input path off
-(``SMALL_ELEMENTS = 0``): every test shape is small, so "torch" alone would only run that path.
+(``small_elements=0``): every test shape is small, so "torch" alone would only run that path.
 """
 
 import pytest
 import torch
-from loss_inputs import GRAD_SCALE, make_inputs, resolve_impl, run_loss
+from loss_inputs import GRAD_SCALE, make_inputs, resolve_impl, run_loss, with_settings
 
 import unisd_fast as usd
-from unisd_fast import small
-from unisd_fast.kernels import common
+from unisd_fast.backends.pytorch import TorchBackend
+from unisd_fast.backends.triton import TritonBackend
+from unisd_fast.backends.triton.grad import column_chunks
 
 F64 = torch.float64
 IMPLS = ["torch", "torch-stream", "triton"]
@@ -36,8 +37,8 @@ OPTIONS = [
 
 
 @pytest.fixture(params=IMPLS)
-def impl(request, monkeypatch):
-    return resolve_impl(request.param, monkeypatch)
+def impl(request):
+    return resolve_impl(request.param)
 
 
 def option_id(o):
@@ -77,32 +78,28 @@ def test_matches_reference(impl, vocab, option, device):
     assert_close_to_reference(inputs, cfg, impl, **kw)
 
 
-def test_small_tiles_cover_many_partial_blocks(impl, device, monkeypatch):
-    monkeypatch.setattr(common, "MAX_BLOCK", 256)
-    monkeypatch.setattr(usd.torch_backend, "CHUNK_ELEMENTS_EAGER", 3000)
+def test_small_tiles_cover_many_partial_blocks(impl, device):
+    impl = with_settings(impl, torch={"chunk_elements_eager": 3000}, triton={"max_block": 256})
     for option in ("unisd_star", {"divergence": "jsd"}, {"divergence": "rkl"}):
         cfg, kw = config_and_kwargs(option)
         assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, impl)
 
 
 @pytest.mark.parametrize("target", [1, 10_000])
-def test_gradient_grid_whole_rows_or_vocabulary_chunks(target, device, monkeypatch):
+def test_gradient_grid_whole_rows_or_vocabulary_chunks(target, device):
     # target 1: one program per row (a 1-D grid); 10000: rows split into vocabulary chunks
-    from unisd_fast.kernels import grad
-
-    monkeypatch.setattr(common, "MAX_BLOCK", 256)
-    monkeypatch.setattr(grad, "TARGET_PROGRAMS", target)
-    assert grad.column_chunks(8, 1000, 256) == (1024 if target == 1 else 256)
+    assert column_chunks(8, 1000, 256, target) == (1024 if target == 1 else 256)
+    backend = TritonBackend(max_block=256, target_programs=target)
     for option in ("unisd_star", {"divergence": "jsd"}, {"divergence": "rkl"}):
         cfg, kw = config_and_kwargs(option)
-        assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, "triton")
+        assert_close_to_reference(make_inputs(B=2, T=4, V=1000, device=device), cfg, backend)
 
 
 @pytest.mark.parametrize("K", [2, 3])
 @pytest.mark.parametrize("one_call", [True, False], ids=["views_in_one_call", "call_per_view"])
-def test_views_as_list_tensor_or_logprobs(impl, K, one_call, device, monkeypatch):
+def test_views_as_list_tensor_or_logprobs(impl, K, one_call, device):
     if not one_call:
-        monkeypatch.setattr(usd.fused, "STACK_ELEMENTS", 0)
+        impl = with_settings(impl, torch={"stack_elements": 0}, triton={"stack_elements": 0})
     cfg = usd.UniSDConfig(agreement="token", agreement_gamma=1.0)
     inputs = make_inputs(B=2, T=4, V=300, K=K, device=device)
     stacked = assert_close_to_reference(inputs, cfg, impl)
@@ -214,23 +211,19 @@ def test_self_distillation_regime_bf16_gradient_relative_error(impl, device):
 
 
 def test_chunked_rows_cover_every_row_once():
-    ranges = usd.torch_backend.TorchBackend(compile=False).row_ranges(1000, 301)
+    ranges = TorchBackend(compile=False).row_ranges(1000, 301)
     covered = torch.zeros(1000, dtype=torch.int64)
     for r0, r1 in ranges:
         covered[r0:r1] += 1
     assert torch.equal(covered, torch.ones_like(covered))
 
 
-def test_compiler_failure_at_run_time_falls_back_to_eager(monkeypatch):
-    def broken(*args):
+def test_compiler_failure_at_run_time_falls_back_to_eager():
+    def broken(graph, example_inputs):
         raise RuntimeError("no C++ compiler")
 
-    chunked = usd.torch_backend
-    backend = chunked.default_backend()
-    monkeypatch.setattr(chunked, "COMPILE_MIN_ELEMENTS", 0)
-    functions = (*chunked.BLOCK_FUNCTIONS, *small.WHOLE.values())
-    monkeypatch.setattr(backend, "compiled", {fn: broken for fn in functions})
+    backend = TorchBackend(compile=True, compiler=broken, compile_min_elements=0)
     cfg = usd.UniSDConfig.preset("unisd_star")
     with pytest.warns(RuntimeWarning, match="runs eagerly from now on"):
-        assert_close_to_reference(make_inputs(B=2, T=4, V=300), cfg, "torch")
+        assert_close_to_reference(make_inputs(B=2, T=4, V=300), cfg, backend)
     assert not backend.is_compiled

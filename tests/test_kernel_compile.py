@@ -16,8 +16,8 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from unisd_fast.kernels import grad, stats
-    from unisd_fast.kernels.common import DIVERGENCE_CODE
+    from unisd_fast.backends.triton import grad, stats
+    from unisd_fast.backends.triton.common import DIVERGENCE_CODE
 
     ROW = {"T": "i32", "V": "i32"}
 

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unisd_fast.kernels.common import row_offset
+from unisd_fast.backends.triton.common import row_offset
 
 
 @triton.jit

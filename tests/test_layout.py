@@ -1,5 +1,18 @@
-"""The package's shape: the loss library loads without the trainer, imports form no cycle,
-and dependencies point one way (library -> trainer, never back)."""
+"""The package's shape: the layers of the loss library in folders of their own, imports that
+point one way, and the applications (trainer, integrations) on the public API only.
+
+    unisd_fast/            the API: __init__ (public names), config, losses, linear,
+                           validation, reference
+    unisd_fast/ops/        the autograd layer: Functions, the fused-linear op, the chunk loop,
+                           the length-N step
+    unisd_fast/backends/   the row passes: protocol, choice, pytorch/, triton/, stable forms
+    unisd_fast/train/      the trainer          unisd_fast/integrations/  TRL
+
+Rules: backends import only backends and config; ops only ops, backends and config; config
+nothing of the package; nothing of the library imports the trainer or the integrations; the
+integrations never import the trainer; the trainer and the integrations import only the
+package itself (its public names) and config.
+"""
 
 import ast
 import subprocess
@@ -9,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "unisd_fast"
 APPLICATIONS = ("unisd_fast.train", "unisd_fast.integrations")
+CONFIG = "unisd_fast.config"
+FOLDERS = ("ops", "backends", "train", "integrations")
 
 
 def module_name(path: Path) -> str:
@@ -67,11 +82,45 @@ def test_graph_sees_relative_and_absolute_imports():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+def layer(name: str) -> str:
+    """The layer of a module: its folder under unisd_fast, or "api" at the top."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in FOLDERS else "api"
+
+
+def imports_of(graph, kind):
+    return {(name, t) for name, targets in graph.items() if layer(name) == kind for t in targets}
+
+
 def test_no_import_cycles():
     assert find_cycle(import_graph()) is None
 
 
-def test_library_never_imports_the_trainer():
+def test_layers_are_folders():
+    graph = import_graph()
+    assert layer("unisd_fast.backends.pytorch.passes") == "backends"
+    assert layer("unisd_fast.ops.fused") == "ops"
+    assert layer("unisd_fast.losses") == layer("unisd_fast") == "api"
+    assert {layer(n) for n in graph} == {"api", "ops", "backends", "train", "integrations"}
+
+
+def test_backends_import_only_backends_and_config():
+    wrong = {(n, t) for n, t in imports_of(import_graph(), "backends")
+             if layer(t) != "backends" and t != CONFIG}
+    assert not wrong, wrong
+
+
+def test_ops_import_only_ops_backends_and_config():
+    wrong = {(n, t) for n, t in imports_of(import_graph(), "ops")
+             if layer(t) not in ("ops", "backends") and t != CONFIG}
+    assert not wrong, wrong
+
+
+def test_config_imports_nothing_of_the_package():
+    assert not import_graph()[CONFIG]
+
+
+def test_library_never_imports_the_trainer_or_the_integrations():
     for name, targets in import_graph().items():
         if name.startswith(APPLICATIONS):
             continue
@@ -79,21 +128,41 @@ def test_library_never_imports_the_trainer():
         assert not wrong, f"{name} imports {wrong}"
 
 
+def test_integrations_never_import_the_trainer():
+    wrong = {(n, t) for n, t in imports_of(import_graph(), "integrations") if layer(t) == "train"}
+    assert not wrong, wrong
+
+
+def test_applications_use_only_the_public_package_and_config():
+    graph = import_graph()
+    for kind in ("train", "integrations"):
+        wrong = {(n, t) for n, t in imports_of(graph, kind)
+                 if layer(t) == "api" and t not in ("unisd_fast", CONFIG)
+                 or layer(t) in ("ops", "backends")}
+        assert not wrong, wrong
+
+
 def test_reference_imports_only_the_config_and_the_stable_math():
     graph = import_graph()
-    assert graph["unisd_fast.reference"] == {"unisd_fast.config", "unisd_fast.stable"}
-    assert not {t for t in graph["unisd_fast.stable"] if t.startswith("unisd_fast")}
+    assert graph["unisd_fast.reference"] == {CONFIG, "unisd_fast.backends.stable"}
+    assert not {t for t in graph["unisd_fast.backends.stable"] if t.startswith("unisd_fast")}
+
+
+def _loaded_after(statement: str, prefixes) -> list[str]:
+    code = (f"import sys\n{statement}\n"
+            f"print([m for m in sys.modules if m.split('.')[0] in {prefixes!r}"
+            " or m.startswith('unisd_fast.train')])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip())
 
 
 def test_import_loads_neither_transformers_nor_the_trainer():
-    code = (
-        "import sys, unisd_fast\n"
-        "loaded = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft')"
-        " or m.startswith('unisd_fast.train')]\n"
-        "print(loaded)\n"
-        "assert not loaded, loaded\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert _loaded_after("import unisd_fast", ("transformers", "peft")) == []
+    assert _loaded_after("import unisd_fast; unisd_fast.unisd_loss",
+                         ("transformers", "peft")) == []
+
+
+def test_the_config_loads_no_torch():
+    assert _loaded_after("import unisd_fast.config", ("torch", "triton")) == []

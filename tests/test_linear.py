@@ -2,22 +2,27 @@
 
 Tiny shapes: 14 tokens, V = 1001 (not a multiple of a vocabulary tile nor of the chunk),
 and a chunk budget of a few rows so that every call runs several chunks. Every test runs the
-vocabulary-tiled schedule (the CPU default) with tiles of TILE head rows, so with several
-tiles and a remainder; test_whole_head_schedule runs the other one (the CUDA default).
+vocabulary-tiled schedule (the CPU default) with tiles of TILE head rows (the backend
+``TILED``), so with several tiles and a remainder; test_whole_head_schedule runs the other one
+(the CUDA default, ``WHOLE_HEAD``).
 """
 
 import pytest
 import torch
-from linear_inputs import cast, make_case, run_linear, run_materialised, scored
+from linear_inputs import cast, make_case, run_materialised, scored
+from linear_inputs import run_linear as run_linear_impl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import unisd_fast as usd
-from unisd_fast import linear_chunks, linear_op
+from unisd_fast.backends.pytorch import TorchBackend, default_backend
+from unisd_fast.ops import linear_chunks
 
 F64 = torch.float64
 V = 1001
 CHUNK = 3 * 2 * V * 4  # three student/teacher row pairs of fp32 logits
 TILE = 96  # 1001 = 10 * 96 + 41
+TILED = TorchBackend(cpu_vocab_tile=TILE)
+WHOLE_HEAD = TorchBackend(cpu_vocab_tile=None)
 OPTIONS = [
     "sd", "gkd", "clip", "agreement", "contrastive", "match", "match_repr", "unisd_star",
     {"divergence": "rkl"},
@@ -33,11 +38,6 @@ OPTIONS = [
     {"normalize": "token", "num_items_in_batch": 9},
     {"normalize": "token", "num_items_in_batch": "tensor", "feature_weight": 0.2},
 ]
-
-
-@pytest.fixture(autouse=True)
-def small_vocab_tiles(monkeypatch):
-    monkeypatch.setitem(linear_chunks.VOCAB_TILE, "cpu", TILE)
 
 
 def option_id(o):
@@ -72,7 +72,11 @@ def assert_matches(got, exp, *, atol=2e-6, rtol=2e-5, grad_tol=2e-5):
         assert err <= grad_tol * max(e.abs().max().item(), 1e-3), err
 
 
-def check(case, cfg, impl="torch", trainable=True, chunk_bytes=CHUNK, **kw):
+def run_linear(case, cfg, impl=TILED, **kw):
+    return run_linear_impl(case, cfg, impl, **kw)
+
+
+def check(case, cfg, impl=TILED, trainable=True, chunk_bytes=CHUNK, **kw):
     exp = run_materialised(case, cfg, trainable=trainable, **kw)
     got = run_linear(case, cfg, impl, trainable=trainable, chunk_bytes=chunk_bytes, **kw)
     assert_matches(got, exp)
@@ -141,20 +145,18 @@ def test_all_ignored_rows():
 @pytest.mark.parametrize("option,softcap", [("sd", None), ("unisd_star", 3.0),
                                             ({"clip_quantile": 0.5}, None)],
                          ids=["sd", "unisd_star-softcap", "clip_quantile"])
-def test_whole_head_schedule(option, softcap, trainable, monkeypatch):
-    monkeypatch.delitem(linear_chunks.VOCAB_TILE, "cpu")
-    assert linear_chunks.vocab_tile_for(torch.device("cpu")) is None
+def test_whole_head_schedule(option, softcap, trainable):
+    assert WHOLE_HEAD.vocab_tile(torch.device("cpu")) is None
     cfg, _ = config_and_kwargs(option)
-    check(make_case(V=V), cfg, trainable=trainable, logit_softcap=softcap)
+    check(make_case(V=V), cfg, WHOLE_HEAD, trainable=trainable, logit_softcap=softcap)
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["shared", "separate"])
-def test_tiled_and_whole_head_schedules_agree(separate, monkeypatch):
+def test_tiled_and_whole_head_schedules_agree(separate):
     case = make_case(V=V, shared=not separate)
     cfg = usd.UniSDConfig.preset("unisd_star")
     a, ga = run_linear(case, cfg, chunk_bytes=CHUNK, logit_softcap=3.0)
-    monkeypatch.delitem(linear_chunks.VOCAB_TILE, "cpu")
-    b, gb = run_linear(case, cfg, chunk_bytes=CHUNK, logit_softcap=3.0)
+    b, gb = run_linear(case, cfg, WHOLE_HEAD, chunk_bytes=CHUNK, logit_softcap=3.0)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=1e-6)
     for x, y in zip(ga, gb, strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
@@ -293,10 +295,9 @@ def _chunk_call(case, cfg, chunk_bytes, trainable, vocab_tile=None):
     B, T, H = hs.shape
     shared = wt is ws and case["teacher_bias"] is case["student_bias"]
     call = linear_chunks.LinearCall(
-        backend=linear_op.torch_backend.default_backend(), config=cfg,
-        logit_map=linear_chunks.LogitMap(),
-        student_head=linear_chunks.Head(ws, case["student_bias"]),
-        teacher_head=linear_chunks.Head(wt, case["teacher_bias"]), shared=shared,
+        backend=default_backend(), config=cfg,
+        student_head=usd.LinearHead(ws, case["student_bias"]),
+        teacher_head=usd.LinearHead(wt, case["teacher_bias"]), shared=shared,
         student_rows=hs.reshape(B * T, H), teacher_rows=ht.reshape(B * T, -1),
         labels=case["labels"].reshape(-1), chunk_bytes=chunk_bytes,
         grads=(True, trainable, trainable), vocab_tile=vocab_tile)

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import itertools, logging, warnings
     import torch
     import unisd_fast as usd
-    from unisd_fast import torch_backend
+    from unisd_fast.backends.pytorch import TorchBackend
     from loss_inputs import make_inputs, run_loss
 
     graphs, calls = [], [0]
@@ -35,10 +35,10 @@ SCRIPT = textwrap.dedent("""
     logging.getLogger("torch._dynamo").addHandler(handler)
     warnings.simplefilter("error")
 
-    backend = torch_backend.TorchBackend(compile=True, compiler=counting)
-    torch_backend.default_backend.cache_clear()
-    torch_backend.default_backend = lambda: backend
-    torch_backend.COMPILE_MIN_ELEMENTS = 0
+    # the small-input path on and off: two backends, one compiler
+    backends = {streaming: TorchBackend(compile=True, compiler=counting, compile_min_elements=0,
+                                        small_elements=0 if streaming else 1 << 20)
+                for streaming in (False, True)}
 
     divergences = ("fkl", "rkl", "jsd")
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,9 +56,8 @@ SCRIPT = textwrap.dedent("""
             inputs = make_inputs(B=2, T=T, V=257, dtype=dtype)
             # every other combination with the small-input path off (the streaming passes)
             streaming = i % 2 == 1
-            torch_backend.SMALL_ELEMENTS = 0 if streaming else 1 << 20
             before = calls[0]
-            out, (gz, _) = run_loss(inputs, cfg, "torch")
+            out, (gz, _) = run_loss(inputs, cfg, backends[streaming])
             assert torch.isfinite(out.loss) and torch.isfinite(gz).all()
             # streaming: the stats and the gradient pass + the label pass of the views
             # (stacked: one call at this size) and of the negative, all compiled; small

@@ -1,12 +1,13 @@
 """The CPU path's small inputs: the mean-shifted one-call pass of fkl and rkl, its fallback to
-the general pass, and the label log-probs from ATen's log_softmax."""
+the general pass, the whole-loss call, and the label pass at small sizes."""
 
 import pytest
 import torch
 from loss_inputs import make_inputs, run_loss
 
 import unisd_fast as usd
-from unisd_fast import torch_backend as tb
+from unisd_fast.backends.pytorch import TorchBackend, TorchSettings
+from unisd_fast.backends.pytorch import backend as tb
 from unisd_fast.config import UniSDConfig
 
 TAU = 0.7
@@ -22,7 +23,7 @@ def rows(R, V, eps, seed=0):
 
 
 def small_call(z, u, y, divergence, backend=None):
-    backend = backend or tb.TorchBackend(compile=False)
+    backend = backend or TorchBackend(compile=False)
     return backend.row_stats_and_grad(z.unsqueeze(0), u.unsqueeze(0), y.unsqueeze(0),
                                       divergence=divergence, tau=TAU, alpha=0.5,
                                       ignore_index=-100)
@@ -124,15 +125,15 @@ def test_an_ignored_row_with_a_non_finite_logit_keeps_the_shifted_pass():
     assert (grad[0, 1] == 0).all() and (torch.stack(stats)[:, 0, 1] == 0).all()
 
 
-def test_jsd_and_large_inputs_take_the_general_pass(monkeypatch):
+def test_jsd_and_large_inputs_take_the_general_pass():
     z, u, y = rows(6, 1000, 0.05)
     assert small_call(z, u, y, "jsd")[2] is False
-    monkeypatch.setattr(tb, "SMALL_ELEMENTS", z.numel() - 1)
-    assert small_call(z, u, y, "fkl") is None
+    backend = TorchBackend(compile=False, small_elements=z.numel() - 1)
+    assert small_call(z, u, y, "fkl", backend) is None
 
 
 @pytest.mark.parametrize("x_kind", ["finite", "+inf row", "-inf label", "bf16"])
-def test_small_label_logprobs_match_the_compiled_block_form(x_kind):
+def test_label_pass_matches_float64_log_softmax(x_kind):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 1000, generator=gen) * 3
     y = torch.randint(0, 1000, (2, 5), generator=gen)
@@ -143,12 +144,15 @@ def test_small_label_logprobs_match_the_compiled_block_form(x_kind):
         x[1, 3, y[1, 3]] = float("-inf")
     elif x_kind == "bf16":
         x = x.bfloat16()
-    backend = tb.TorchBackend(compile=False)
-    small = backend.label_logprob(x, y, tau=TAU, ignore_index=-100)
+    backend = TorchBackend(compile=False)
+    got = backend.label_logprob(x, y, tau=TAU, ignore_index=-100)
     keep = y != -100
-    block = tb._label_block(x.view(10, -1), y.view(-1), keep.view(-1), torch.tensor(TAU))
-    torch.testing.assert_close(small, block.view(2, 5), rtol=0, atol=2e-6, equal_nan=True)
-    assert (small[~keep] == 0).all()
+    exact = torch.log_softmax(x.double() / TAU, -1).gather(-1, y.clamp(min=0).unsqueeze(-1))
+    exact = torch.where(keep, exact.squeeze(-1), 0.0)
+    if x_kind == "+inf row":  # log_softmax gives NaN on the whole row, as the pass does
+        assert got[1, 2].isnan()
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=2e-6, equal_nan=True)
+    assert (got[~keep] == 0).all()
 
 
 @pytest.mark.parametrize("preset", ["sd", "unisd_star"])
@@ -165,20 +169,19 @@ def test_clipped_and_ignored_rows_get_an_exactly_zero_gradient(preset):
     ref, (dz_ref, _) = run_loss(inputs, cfg, "reference", upcast=True)
     torch.testing.assert_close(dz.double(), dz_ref, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-7)
-    assert usd.torch_backend.SMALL_ELEMENTS >= inputs["student_logits"].numel()
+    assert TorchSettings().small_elements >= inputs["student_logits"].numel()
 
 
 @pytest.mark.parametrize("small", [True, False])
-def test_inactive_rows_stay_zero_when_a_logit_is_infinite(small, monkeypatch):
+def test_inactive_rows_stay_zero_when_a_logit_is_infinite(small):
     """kd_weight = 0 makes every row inactive (ck = cc = 0): a kept row holding +inf (whose
     divergence gradient is NaN) must still get a zero logits gradient, on both paths."""
-    if not small:
-        monkeypatch.setattr(tb, "SMALL_ELEMENTS", 0)
+    impl = "torch" if small else TorchBackend(small_elements=0)
     torch.manual_seed(0)
     inputs = make_inputs(2, 4, 300)
     inputs["student_logits"][0, 0, 5] = float("inf")  # a kept row
     cfg = UniSDConfig.preset("match_repr")
-    out, (dz, dh) = run_loss(inputs, cfg, "torch")
+    out, (dz, dh) = run_loss(inputs, cfg, impl)
     assert out.kd.isnan()  # the NaN is reported in the loss, not in the inactive rows
     assert (dz == 0).all() and torch.isfinite(dh).all()
 
@@ -190,7 +193,7 @@ def path_of(out):
 
 @pytest.mark.parametrize("preset", ["sd", "gkd", "clip", "agreement", "unisd_star"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_inputs_run_the_whole_loss_in_one_call(preset, dtype, monkeypatch):
+def test_small_inputs_run_the_whole_loss_in_one_call(preset, dtype):
     """The whole-loss path (small.py) against the two streaming passes of the fused Function:
     same loss, diagnostics and gradients."""
     torch.manual_seed(0)
@@ -198,8 +201,7 @@ def test_small_inputs_run_the_whole_loss_in_one_call(preset, dtype, monkeypatch)
     cfg = UniSDConfig.preset(preset)
     out, (dz, dh) = run_loss(inputs, cfg, "torch")
     assert path_of(out) == "GradientFunction" and dz.dtype == dtype
-    monkeypatch.setattr(tb, "SMALL_ELEMENTS", 0)
-    ref, (dz_ref, dh_ref) = run_loss(inputs, cfg, "torch")
+    ref, (dz_ref, dh_ref) = run_loss(inputs, cfg, TorchBackend(small_elements=0))
     assert path_of(ref) == "UniSDFunction"
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
     for name in ("loss", "kd", "contrastive", "feature", "token_divergence", "token_weight"):

@@ -5,7 +5,7 @@ import torch
 from loss_inputs import make_inputs
 
 import unisd_fast as usd
-from unisd_fast.losses import resolve_impl
+from unisd_fast.ops.checks import check_labels
 
 
 @pytest.mark.parametrize(("fields", "error", "match"), [
@@ -113,17 +113,16 @@ def test_loss_input_errors(inputs, override, error, match):
     ([[-100, -100, 0], [-5, 11, 0]], -5),
     ([[-100, 3, 10], [0, 1, -100]], None),
 ])
-def test_label_check_as_a_list_and_as_tensor_ops(labels, found, host_labels, monkeypatch):
+def test_label_check_as_a_list_and_as_tensor_ops(labels, found, host_labels):
     """Small CPU label tensors are checked as a Python list, larger ones with tensor ops:
     the same verdict and message, naming the first offending label."""
-    monkeypatch.setattr(usd.validation, "HOST_LABELS", host_labels)
     y = torch.tensor(labels)
     if found is None:
-        usd.validation.check_labels(y, 11, -100)
+        check_labels(y, 11, -100, host_labels)
         return
     with pytest.raises(ValueError, match=rf"^labels must lie in \[0, 11\) or equal "
                                          rf"ignore_index=-100; found {found}$"):
-        usd.validation.check_labels(y, 11, -100)
+        check_labels(y, 11, -100, host_labels)
 
 
 def test_num_items_errors(inputs):
@@ -143,12 +142,12 @@ def test_config_and_impl_errors(inputs, monkeypatch):
     with pytest.raises(ValueError, match="impl must be one of"):
         usd.UniSDLoss(impl="cuda")
     with pytest.raises(ValueError, match="impl must be one of"):
-        resolve_impl("fast", torch.device("cpu"))
+        usd.resolve_impl("fast", torch.device("cpu"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        resolve_impl("triton", torch.device("cpu"))
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
-    assert resolve_impl("auto", torch.device("cuda")) == "triton"
+        usd.resolve_impl("triton", torch.device("cpu"))
+    assert usd.resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert usd.resolve_impl("auto", torch.device("cuda")) == "triton"
 
 
 def test_inplace_backward_needs_unit_stride_and_a_fused_impl(inputs):

@@ -13,10 +13,13 @@ _EXPORTS = {
     "IMPLS": ".config",
     "PRESETS": ".config",
     "UniSDConfig": ".config",
+    "LinearHead": ".ops.head",
+    "resolve_impl": ".backends.choice",
     "UniSDLinearLoss": ".linear",
     "unisd_linear_loss": ".linear",
     "UniSDLoss": ".losses",
     "UniSDOutput": ".losses",
+    "label_logprobs": ".losses",
     "unisd_loss": ".losses",
 }
 

@@ -1,5 +1,6 @@
 """UniSDConfig: every option of the UniSD loss (docs/losses.md), validated, and the constants
-shared by the reference and the fused paths."""
+shared by every layer (the one module of the package that the API, the autograd layer and
+the backends all import; it imports nothing of the package and no torch)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,15 @@ class UniSDConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_validated_fields(cls, **fields) -> UniSDConfig:
+        """The config whose fields are those of a config already validated (an operator's
+        arguments): built without checking them again."""
+        config = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(config, f.name, fields[f.name])
+        return config
 
     def replace(self, **changes) -> UniSDConfig:
         return dataclasses.replace(self, **changes)

@@ -1,18 +1,26 @@
-"""Public loss API: ``unisd_loss`` (functional), ``UniSDLoss`` (module), impl dispatch."""
+"""Public loss API on logits: ``unisd_loss`` (functional), ``UniSDLoss`` (module) and
+``label_logprobs`` (the label pass alone, e.g. for views scored ahead of the loss)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import small, torch_backend
-from .config import IMPLS, UniSDConfig
-from .fused import unisd_fused
-from .reference import unisd_loss_reference
-from .validation import validate_inplace, validate_inputs
+from .backends.choice import backend_named, check_impl, resolve_impl
+from .config import UniSDConfig
+from .ops import small
+from .ops.checks import check_labels
+from .ops.fused import unisd_fused
+from .reference import label_logprob, unisd_loss_reference
+from .validation import (
+    Inputs,
+    check_config,
+    check_positive,
+    validate_inplace,
+    validate_inputs,
+)
 
 
 @dataclass
@@ -35,55 +43,6 @@ class UniSDOutput:
     clipped: torch.Tensor
 
 
-def triton_available_for(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors only under TRITON_INTERPRET=1."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
-
-
-def check_config(config) -> UniSDConfig:
-    """``config``, or the default config for None; a TypeError for anything else."""
-    cfg = UniSDConfig() if config is None else config
-    if not isinstance(cfg, UniSDConfig):
-        raise TypeError(f"config must be a UniSDConfig, got {type(cfg).__name__}")
-    return cfg
-
-
-def kernels_interpreted() -> bool:
-    """Whether ``unisd_fast.kernels`` run in Triton's interpreter. Triton settles this when it
-    decorates the kernels, at their import, from TRITON_INTERPRET at that moment."""
-    import triton
-
-    from .kernels import common
-
-    return not isinstance(common.row_offset, triton.runtime.JITFunction)
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    check_impl(impl)
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and not triton_available_for(device):
-        raise RuntimeError(
-            f"impl='triton' needs CUDA tensors (got {device.type}); on CPU set "
-            "TRITON_INTERPRET=1 before importing unisd_fast, or use impl='torch'"
-        )
-    if impl == "triton" and device.type == "cpu" and not kernels_interpreted():
-        raise RuntimeError(
-            "impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after "
-            "unisd_fast.kernels was imported, so the kernels were built for a GPU; set "
-            "TRITON_INTERPRET=1 before importing unisd_fast, or use impl='torch'"
-        )
-    return impl
-
-
 def unisd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -96,7 +55,7 @@ def unisd_loss(
     teacher_hidden: torch.Tensor | None = None,
     config: UniSDConfig | None = None,
     num_items_in_batch=None,
-    impl: str = "auto",
+    impl="auto",
     inplace_backward: bool = False,
 ) -> UniSDOutput:
     """The UniSD loss of docs/losses.md on (B, T, V) logits and (B, T) labels.
@@ -104,8 +63,8 @@ def unisd_loss(
     view_logits: (K, B, T, V) tensor or list of K (B, T, V) tensors, or view_logprobs
     (K, B, T) already scored; needed with agreement. negative_logits (B, T, V) or
     negative_logprobs (B, T): needed with contrastive_weight > 0. student_hidden and
-    teacher_hidden (B, T, H): needed with feature_weight > 0. impl: "auto", "triton",
-    "torch" or "reference". inplace_backward=True writes the logits gradient into
+    teacher_hidden (B, T, H): needed with feature_weight > 0. impl: one of ``IMPLS`` or a
+    ``RowBackend`` (docs/api.md). inplace_backward=True writes the logits gradient into
     student_logits' own buffer (fused impls only; the logits are then overwritten).
     """
     cfg = check_config(config)
@@ -128,25 +87,38 @@ def unisd_loss(
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
         )
         return UniSDOutput(**out)
-    first = None
-    if which == "triton":
-        from . import kernels as backend
-    else:
-        backend, first = torch_backend.default_backend(), small.run
     parts = unisd_fused(
-        student_logits, teacher_logits, labels, backend=backend, config=cfg, views=views,
-        view_logprobs=view_logprobs, negative_logits=negative_logits,
+        student_logits, teacher_logits, labels, backend=backend_named(which), config=cfg,
+        views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,
         negative_logprobs=negative_logprobs, student_hidden=student_hidden,
         teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
-        inplace_backward=inplace_backward, first=first,
+        inplace_backward=inplace_backward, first=small.run,
     )
     return UniSDOutput(*parts)
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, *,
+                   ignore_index: int = -100, impl="auto") -> torch.Tensor:
+    """``log_softmax(logits / temperature)[labels]`` of (B, T, V) logits at (B, T) labels:
+    float32 (B, T), 0 where ``labels == ignore_index``, never differentiated. One read of the
+    logits, no (B, T, V) temporary (the label pass of docs/kernels.md)."""
+    inputs = Inputs("logits", logits, "V")
+    inputs.labels(labels)
+    check_labels(labels, logits.shape[-1], ignore_index)
+    tau = check_positive("temperature", temperature)
+    which = resolve_impl(impl, logits.device)
+    with torch.no_grad():
+        if which == "reference":
+            return label_logprob(logits.float(), labels, labels != ignore_index, tau).float()
+        x = logits if logits.stride(-1) == 1 else logits.contiguous()
+        return backend_named(which).label_logprob(x, labels, tau=tau,
+                                                  ignore_index=ignore_index)
 
 
 class UniSDLoss(nn.Module):
     """``unisd_loss`` as a module: ``UniSDLoss(config, impl)(student_logits, ...)``."""
 
-    def __init__(self, config: UniSDConfig | None = None, impl: str = "auto",
+    def __init__(self, config: UniSDConfig | None = None, impl="auto",
                  inplace_backward: bool = False):
         super().__init__()
         self.config = check_config(config)

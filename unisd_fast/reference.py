@@ -3,9 +3,9 @@
 Every fused implementation is tested against this file. It favours clarity over memory: it
 materialises full log-softmax tensors. Arithmetic runs in float32, or float64 when the inputs
 are float64, so a float64 call gives a float64 answer; float32 computes the divergence in
-the cancellation-free form of docs/losses.md (``stable.py``). It imports only the package's
-constants (``config.py``) and those formulas; the config argument only needs the attributes
-of ``UniSDConfig``.
+the cancellation-free form of docs/losses.md (``backends/stable.py``). It imports only the
+package's constants (``config.py``) and those formulas; the config argument only needs the
+attributes of ``UniSDConfig``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 
 import torch
 
+from .backends.stable import jsd_remainder, shifted_kl
 from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
-from .stable import jsd_remainder, shifted_kl
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -155,7 +155,8 @@ def feature_distance(h_s, h_t):
 
 
 def masked_mean(values, weights, normalize: str, num_items_in_batch):
-    """The reductions of section 2: per-sequence or per-token weighted masked means."""
+    """The reductions of docs/losses.md, "Reductions": per-sequence or per-token weighted
+    masked means."""
     if num_items_in_batch is not None:
         return (weights * values).sum() / num_items_in_batch
     if normalize == "sequence":

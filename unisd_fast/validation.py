@@ -1,21 +1,33 @@
-"""Input checks of ``unisd_loss``: every error names the argument and what was expected.
+"""Input checks of both loss forms, ``unisd_loss`` (logits in) and ``unisd_linear_loss``
+(hidden states and heads in): every error names the argument and what was expected.
 
-Checks of tensor *values* (the label range, a tensor ``num_items_in_batch``) never sync a CUDA
-stream with the host: on CUDA they are device-side asserts whose failure surfaces at the next
-synchronising call (docs/api.md, "Errors"); ``UNISD_FAST_SYNC_CHECKS=1`` checks on the host
-instead, with the readable ``ValueError`` that CPU tensors always get.
+One core (``Inputs``: a tensor's type, shape, device and dtype against the first input; the
+views, the negative and ``num_items_in_batch`` of the options the config switches on) and an
+entry point per form. Only shapes, dtypes, devices and Python values are checked here; the
+values of tensors (the label range, a tensor ``num_items_in_batch``) are checked by
+``ops.checks``: here for the logits form, inside the operator for the fused-linear one (so
+that a compiled caller's graph does not break).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .config import UniSDConfig
+from .ops.checks import check_labels, check_num_items_value
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-HOST_LABELS = 4096
+
+
+def check_config(config) -> UniSDConfig:
+    """``config``, or the default config for None; a TypeError for anything else."""
+    cfg = UniSDConfig() if config is None else config
+    if not isinstance(cfg, UniSDConfig):
+        raise TypeError(f"config must be a UniSDConfig, got {type(cfg).__name__}")
+    return cfg
 
 
 def check_tensor(name, x, dtypes, kind):
@@ -26,72 +38,140 @@ def check_tensor(name, x, dtypes, kind):
                         f"got {x.dtype}")
 
 
-def _shape(name, x, expected, what):
-    if tuple(x.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, "
-                         f"got {tuple(x.shape)}")
+def check_positive(name, value):
+    """A finite number > 0 as a float, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
 
 
-def _device(name, x, device):
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but student_logits is on {device}")
+def check_one_of(first, second, first_x, second_x, needed_for):
+    if first_x is not None and second_x is not None:
+        raise ValueError(f"give either {first} or {second}, not both")
+    if first_x is None and second_x is None:
+        raise ValueError(f"{needed_for} needs {first} or {second}")
 
 
-def _float_input(name, x, expected, what, device):
-    check_tensor(name, x, FLOAT_DTYPES, "a floating-point")
-    _shape(name, x, expected, what)
-    _device(name, x, device)
+class Inputs:
+    """Checks of the inputs of one call against its first input ``anchor`` (B, T, ...):
+    the batch and time sizes and the device every other tensor must share."""
 
+    def __init__(self, anchor: str, x, last_name: str):
+        check_tensor(anchor, x, FLOAT_DTYPES, "a floating-point")
+        if x.dim() != 3 or min(x.shape) == 0:
+            raise ValueError(f"{anchor} must have shape (B, T, {last_name}) with no empty "
+                             f"dimension, got {tuple(x.shape)}")
+        self.anchor, self.device = anchor, x.device
+        self.B, self.T = x.shape[:2]
 
-def host_checks(device: torch.device) -> bool:
-    """Whether value checks on ``device`` run on the host: always off CUDA, and on CUDA only
-    under ``UNISD_FAST_SYNC_CHECKS=1`` (a host sync per call)."""
-    return device.type != "cuda" or os.environ.get("UNISD_FAST_SYNC_CHECKS") == "1"
+    def tensor(self, name, x, shape, what, dtype=None, dtype_of=None):
+        """x: a floating-point tensor of ``shape`` on the anchor's device (and of ``dtype``,
+        that of the input ``dtype_of``)."""
+        check_tensor(name, x, FLOAT_DTYPES, "a floating-point")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {what} = {tuple(shape)}, got "
+                             f"{tuple(x.shape)}")
+        self.same_device(name, x)
+        if dtype is not None and x.dtype != dtype:
+            raise TypeError(f"{name} must have the dtype of {dtype_of} ({dtype}), got "
+                            f"{x.dtype}")
 
+    def same_device(self, name, x):
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but {self.anchor} is on {self.device}")
 
-def _require(ok, message: str, found=None) -> None:
-    """ValueError(message) where ``ok`` (a bool, or a 0-dim bool tensor) is False; ``found()``
-    (on the host path only) names the offending value. A tensor on CUDA without host checks:
-    an asynchronous device-side assert, raised by CUDA at the next sync (it ends the CUDA
-    context)."""
-    if isinstance(ok, torch.Tensor) and not host_checks(ok.device):
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message if found is None else f"{message}; found {found()}")
+    def last_size(self, name, x, last_name):
+        """The last size of a (B, T, last) tensor, checked to be 3-D and non-empty."""
+        check_tensor(name, x, FLOAT_DTYPES, "a floating-point")
+        if x.dim() != 3 or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape (B, T, {last_name}) = ({self.B}, "
+                             f"{self.T}, {last_name}), got {tuple(x.shape)}")
+        return x.shape[-1]
 
+    def labels(self, labels):
+        check_tensor("labels", labels, INT_DTYPES, "an integer")
+        if tuple(labels.shape) != (self.B, self.T):
+            raise ValueError(f"labels must have shape (B, T) = {(self.B, self.T)}, got "
+                             f"{tuple(labels.shape)}")
+        self.same_device("labels", labels)
 
-def check_labels(labels, V, ignore_index):
-    """Every label in [0, V) or equal to ignore_index (a device-side assert on CUDA). Up to
-    HOST_LABELS labels on the host path are checked as a Python list: one copy instead of
-    five tensor ops, which at that size cost more than a small loss's compiled call."""
-    message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
-    if host_checks(labels.device) and labels.numel() <= HOST_LABELS:
-        values = labels.flatten().tolist()
-        kept = set(values) - {ignore_index}
-        _require(not kept or (min(kept) >= 0 and max(kept) < V), message,
-                 lambda: next(v for v in values if v != ignore_index and not 0 <= v < V))
-        return
-    kept = torch.where(labels == ignore_index, 0, labels)
-    lo, hi = torch.aminmax(kept)
-    _require((lo >= 0) & (hi < V), message,
-             lambda: labels[(kept < 0) | (kept >= V)][0].item())
+    def views(self, name, views, last, last_name, dtype=None, dtype_of=None) -> list:
+        """A (K, B, T, last) tensor or a list of K (B, T, last) tensors, as a list."""
+        B, T = self.B, self.T
+        if isinstance(views, torch.Tensor):
+            check_tensor(name, views, FLOAT_DTYPES, "a floating-point")
+            if views.dim() != 4:
+                raise ValueError(f"{name} must have shape (K, B, T, {last_name}) = "
+                                 f"(K, {B}, {T}, {last}), got {tuple(views.shape)}")
+            views = list(views.unbind(0))
+        elif isinstance(views, (list, tuple)):
+            views = list(views)
+        else:
+            raise TypeError(f"{name} must be a (K, B, T, {last_name}) tensor or a list of K "
+                            f"(B, T, {last_name}) tensors, got {type(views).__name__}")
+        for k, v in enumerate(views):
+            self.tensor(f"{name}[{k}]", v, (B, T, last), f"(B, T, {last_name})", dtype,
+                        dtype_of)
+        return views
 
+    def options(self, cfg, views, view_logprobs, negative, negative_logprobs, *, last,
+                last_name, dtype=None, dtype_of=None):
+        """The inputs of the terms the config switches on: ``views`` and ``negative`` are
+        (name, value) pairs of (B, T, last) inputs (of ``dtype``). Returns the views as a
+        list, or None."""
+        out = None
+        if cfg.agreement != "none":
+            check_one_of(views[0], "view_logprobs", views[1], view_logprobs,
+                         f"agreement={cfg.agreement!r}")
+            if views[1] is not None:
+                out = self.views(*views, last, last_name, dtype, dtype_of)
+                K = len(out)
+            else:
+                check_tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
+                K = view_logprobs.shape[0] if view_logprobs.dim() == 3 else 0
+                if K == 0:
+                    raise ValueError(f"view_logprobs must have shape (K, B, T) = (K, {self.B}, "
+                                     f"{self.T}), got {tuple(view_logprobs.shape)}")
+                self.tensor("view_logprobs", view_logprobs, (K, self.B, self.T), "(K, B, T)")
+            if K < 2:
+                raise ValueError(f"agreement={cfg.agreement!r} needs K >= 2 teacher views, "
+                                 f"got K={K}")
+        if cfg.contrastive_weight > 0:
+            check_one_of(negative[0], "negative_logprobs", negative[1], negative_logprobs,
+                         "contrastive_weight > 0")
+            if negative[1] is not None:
+                self.tensor(negative[0], negative[1], (self.B, self.T, last),
+                            f"(B, T, {last_name})", dtype, dtype_of)
+            else:
+                self.tensor("negative_logprobs", negative_logprobs, (self.B, self.T), "(B, T)")
+        return out
 
-def check_num_items(n, device):
-    """num_items_in_batch: a finite number > 0, or a one-element tensor holding one."""
-    if isinstance(n, torch.Tensor):
-        if n.dtype == torch.bool or n.is_complex():
-            raise TypeError(f"num_items_in_batch must be a real number tensor, got {n.dtype}")
-        if n.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
-        _device("num_items_in_batch", n, device)
-        _require((torch.isfinite(n) & (n > 0)).all(),
-                 "num_items_in_batch must be > 0 and finite", lambda: n.item())
-    elif isinstance(n, bool) or not isinstance(n, (int, float)):
-        raise TypeError("num_items_in_batch must be a number or a scalar tensor, got "
-                        f"{type(n).__name__}")
-    elif not (math.isfinite(n) and n > 0):
-        raise ValueError(f"num_items_in_batch must be > 0 and finite, got {n}")
+    def num_items(self, cfg, n, check_value: bool):
+        """num_items_in_batch: a finite number > 0, or a one-element tensor holding one
+        (its value checked here only when ``check_value``)."""
+        if n is None:
+            return
+        if cfg.normalize != "token":
+            raise ValueError("num_items_in_batch is only accepted with normalize='token'")
+        if isinstance(n, torch.Tensor):
+            if n.dtype == torch.bool or n.is_complex():
+                raise TypeError(f"num_items_in_batch must be a real number tensor, got "
+                                f"{n.dtype}")
+            if n.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a scalar, got shape "
+                                 f"{tuple(n.shape)}")
+            self.same_device("num_items_in_batch", n)
+            if check_value:
+                check_num_items_value(n)
+        elif isinstance(n, bool) or not isinstance(n, (int, float)):
+            raise TypeError("num_items_in_batch must be a number or a scalar tensor, got "
+                            f"{type(n).__name__}")
+        elif not (math.isfinite(n) and n > 0):
+            raise ValueError(f"num_items_in_batch must be > 0 and finite, got {n}")
 
 
 def _overlaps(x) -> bool:
@@ -119,91 +199,66 @@ def validate_inplace(student_logits) -> None:
         )
 
 
-def check_one_of(first, second, first_x, second_x, needed_for):
-    if first_x is not None and second_x is not None:
-        raise ValueError(f"give either {first} or {second}, not both")
-    if first_x is None and second_x is None:
-        raise ValueError(f"{needed_for} needs {first} or {second}")
-
-
-def view_list(name, views, B, T, last, last_name):
-    """``views`` as a list: a (K, B, T, last) tensor or a list of K (B, T, last) tensors;
-    errors name ``name`` and the expected shape. Each view is checked by the caller."""
-    if isinstance(views, torch.Tensor):
-        check_tensor(name, views, FLOAT_DTYPES, "a floating-point")
-        if views.dim() != 4:
-            raise ValueError(f"{name} must have shape (K, B, T, {last_name}) = "
-                             f"(K, {B}, {T}, {last}), got {tuple(views.shape)}")
-        return list(views.unbind(0))
-    if isinstance(views, (list, tuple)):
-        return list(views)
-    raise TypeError(f"{name} must be a (K, B, T, {last_name}) tensor or a list of K "
-                    f"(B, T, {last_name}) tensors, got {type(views).__name__}")
-
-
-def _views(view_logits, B, T, V, device):
-    views = view_list("view_logits", view_logits, B, T, V, "V")
-    for k, v in enumerate(views):
-        _float_input(f"view_logits[{k}]", v, (B, T, V), "(B, T, V)", device)
-    return views
-
-
 def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
                     num_items_in_batch):
-    """Check every input against the config; returns the views as a list (or None)."""
-    check_tensor("student_logits", student_logits, FLOAT_DTYPES, "a floating-point")
-    if student_logits.dim() != 3 or min(student_logits.shape) == 0:
-        raise ValueError("student_logits must have shape (B, T, V) with no empty dimension, "
-                         f"got {tuple(student_logits.shape)}")
+    """Check every input of ``unisd_loss`` against the config; returns the views as a list
+    (or None)."""
+    inputs = Inputs("student_logits", student_logits, "V")
     B, T, V = student_logits.shape
-    device = student_logits.device
-    _float_input("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)", device)
-    check_tensor("labels", labels, INT_DTYPES, "an integer")
-    _shape("labels", labels, (B, T), "(B, T)")
-    _device("labels", labels, device)
+    inputs.tensor("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)")
+    inputs.labels(labels)
     check_labels(labels, V, cfg.ignore_index)
-
-    views = None
-    if cfg.agreement != "none":
-        check_one_of("view_logits", "view_logprobs", view_logits, view_logprobs,
-                f"agreement={cfg.agreement!r}")
-        if view_logits is not None:
-            views = _views(view_logits, B, T, V, device)
-            K = len(views)
-        else:
-            check_tensor("view_logprobs", view_logprobs, FLOAT_DTYPES, "a floating-point")
-            if view_logprobs.dim() != 3:
-                raise ValueError(f"view_logprobs must have shape (K, B, T) = (K, {B}, {T}), "
-                                 f"got {tuple(view_logprobs.shape)}")
-            K = view_logprobs.shape[0]
-            _float_input("view_logprobs", view_logprobs, (K, B, T), "(K, B, T)", device)
-        if K < 2:
-            raise ValueError(f"agreement={cfg.agreement!r} needs K >= 2 teacher views, got "
-                             f"K={K}")
-
-    if cfg.contrastive_weight > 0:
-        check_one_of("negative_logits", "negative_logprobs", negative_logits, negative_logprobs,
-                "contrastive_weight > 0")
-        if negative_logits is not None:
-            _float_input("negative_logits", negative_logits, (B, T, V), "(B, T, V)", device)
-        else:
-            _float_input("negative_logprobs", negative_logprobs, (B, T), "(B, T)", device)
-
+    views = inputs.options(cfg, ("view_logits", view_logits), view_logprobs,
+                           ("negative_logits", negative_logits), negative_logprobs,
+                           last=V, last_name="V")
     if cfg.feature_weight > 0:
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("feature_weight > 0 needs student_hidden and teacher_hidden "
                              "(B, T, H)")
-        check_tensor("student_hidden", student_hidden, FLOAT_DTYPES, "a floating-point")
-        if student_hidden.dim() != 3 or student_hidden.shape[-1] == 0:
-            raise ValueError(f"student_hidden must have shape (B, T, H) = ({B}, {T}, H), "
-                             f"got {tuple(student_hidden.shape)}")
-        H = student_hidden.shape[-1]
-        _float_input("student_hidden", student_hidden, (B, T, H), "(B, T, H)", device)
-        _float_input("teacher_hidden", teacher_hidden, (B, T, H), "(B, T, H)", device)
-
-    if num_items_in_batch is not None:
-        if cfg.normalize != "token":
-            raise ValueError("num_items_in_batch is only accepted with normalize='token'")
-        check_num_items(num_items_in_batch, device)
+        H = inputs.last_size("student_hidden", student_hidden, "H")
+        inputs.tensor("student_hidden", student_hidden, (B, T, H), "(B, T, H)")
+        inputs.tensor("teacher_hidden", teacher_hidden, (B, T, H), "(B, T, H)")
+    inputs.num_items(cfg, num_items_in_batch, check_value=True)
     return views
+
+
+def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                           labels, student_bias, teacher_bias, view_hidden, view_logprobs,
+                           negative_hidden, negative_logprobs, logit_softcap, logit_scale,
+                           num_items_in_batch, chunk_bytes):
+    """Check every input of ``unisd_linear_loss`` against the config. Returns the views as a
+    list (or None), the soft-cap and the scale as floats (or None)."""
+    inputs = Inputs("student_hidden", student_hidden, "H")
+    B, T, H = student_hidden.shape
+    dtype = student_hidden.dtype
+    check_tensor("student_weight", student_weight, FLOAT_DTYPES, "a floating-point")
+    if student_weight.dim() != 2 or student_weight.shape[0] == 0:
+        raise ValueError(f"student_weight must have shape (V, H) = (V, {H}), got "
+                         f"{tuple(student_weight.shape)}")
+    V = student_weight.shape[0]
+    inputs.tensor("student_weight", student_weight, (V, H), "(V, H)", dtype, "student_hidden")
+    Ht = inputs.last_size("teacher_hidden", teacher_hidden, "Ht")
+    inputs.tensor("teacher_hidden", teacher_hidden, (B, T, Ht), "(B, T, Ht)")
+    t_dtype = teacher_hidden.dtype
+    inputs.tensor("teacher_weight", teacher_weight, (V, Ht), "(V, Ht)", t_dtype,
+                  "teacher_hidden")
+    if student_bias is not None:
+        inputs.tensor("student_bias", student_bias, (V,), "(V,)", dtype, "student_weight")
+    if teacher_bias is not None:
+        inputs.tensor("teacher_bias", teacher_bias, (V,), "(V,)", teacher_weight.dtype,
+                      "teacher_weight")
+    inputs.labels(labels)
+    views = inputs.options(cfg, ("view_hidden", view_hidden), view_logprobs,
+                           ("negative_hidden", negative_hidden), negative_logprobs,
+                           last=Ht, last_name="Ht", dtype=teacher_weight.dtype,
+                           dtype_of="teacher_weight")
+    if cfg.feature_weight > 0 and Ht != H:
+        raise ValueError(f"feature_weight > 0 needs teacher_hidden with the student's hidden "
+                         f"size H={H}, got Ht={Ht}")
+    inputs.num_items(cfg, num_items_in_batch, check_value=False)
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool)
+                                    or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
+        raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+    return (views, check_positive("logit_softcap", logit_softcap),
+            check_positive("logit_scale", logit_scale))

@@ -15,11 +15,11 @@ import random
 import torch
 from accelerate.logging import get_logger
 
-from .. import unisd_linear_loss, unisd_loss
+from .. import LinearHead, label_logprobs, unisd_linear_loss, unisd_loss
 from .trl_batch import other_contexts, stack_left_padded, step_token_counts
 from .trl_compat import SUPPORTED_TRL, SDFTBridge
 from .trl_config import UniSDSDFTConfig, divergence_of_alpha
-from .trl_head import LinearHead, compute_dtype, head_mismatch, output_head
+from .trl_head import compute_dtype, head_mismatch, output_head
 
 __all__ = ["SUPPORTED_TRL", "UniSDSDFTConfig", "UniSDSDFTTrainer", "divergence_of_alpha"]
 
@@ -32,14 +32,6 @@ METRICS = (
     "unisd/clipped_fraction",
     "unisd/agreement_weight",
 )
-
-
-def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """log softmax(logits / temperature)[label] in float32, (B, T); any value where the
-    label is ignored (negative)."""
-    scaled = logits.float() / temperature
-    picked = scaled.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(scaled, dim=-1)
 
 
 class UniSDSDFTTrainer(SDFTBridge):
@@ -159,7 +151,7 @@ class UniSDSDFTTrainer(SDFTBridge):
         head = output_head(self.accelerator.unwrap_model(model))
         if isinstance(head, str):
             return head
-        return head.cast(compute_dtype(head.weight, self.accelerator.mixed_precision))
+        return head.to(compute_dtype(head.weight, self.accelerator.mixed_precision))
 
     def _heads(self, model) -> tuple[LinearHead, LinearHead]:
         """Student and teacher heads; one object when they share their weight and bias, so
@@ -267,10 +259,12 @@ class UniSDSDFTTrainer(SDFTBridge):
             views, negative = self._views_and_negative(inputs, length, logits=True)
             if views is not None:
                 extra["view_logprobs"] = torch.stack(
-                    [label_logprobs(v, labels, cfg.view_temperature) for v in views]
+                    [self._label_logprobs(v, labels, cfg.view_temperature) for v in views]
                 )
             if negative is not None:
-                extra["negative_logprobs"] = label_logprobs(negative, labels, cfg.temperature)
+                extra["negative_logprobs"] = self._label_logprobs(
+                    negative, labels, cfg.temperature
+                )
         return unisd_loss(
             student_logits,
             teacher_logits,
@@ -282,6 +276,13 @@ class UniSDSDFTTrainer(SDFTBridge):
             impl=self.args.unisd_impl,
             **extra,
         )
+
+    def _label_logprobs(self, logits, labels, temperature: float):
+        """log softmax(logits / temperature)[label] (B, T): the label pass of the loss's
+        implementation, no (B, T, V) temporary."""
+        cfg = self.unisd_config
+        return label_logprobs(logits, labels, temperature, ignore_index=cfg.ignore_index,
+                              impl=self.args.unisd_impl)
 
     def _linear_loss(self, model, inputs, labels, student_ids, student_mask, items):
         """unisd_linear_loss on last hidden states and the output layers: no logits."""

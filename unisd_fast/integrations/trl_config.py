@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 from trl.experimental.sdft import SDFTConfig
 
-from ..config import PRESETS, UniSDConfig
+from ..config import IMPLS, PRESETS, UniSDConfig
 
 LOSS_PATHS = ("auto", "linear", "logits")
-KERNEL_IMPLS = ("auto", "triton", "torch", "reference")
 
 # UniSD option -> UniSDConfig field; a None value leaves the preset's (or the default) value.
 OPTION_FIELDS = {
@@ -140,7 +139,7 @@ class UniSDSDFTConfig(SDFTConfig):
         ),
     )
     unisd_impl: str = field(
-        default="auto", **_help("Kernel implementation: 'auto', 'triton', 'torch', 'reference'.")
+        default="auto", **_help(f"Kernel implementation, one of {IMPLS}.")
     )
 
     def __post_init__(self):
@@ -168,9 +167,9 @@ class UniSDSDFTConfig(SDFTConfig):
                 f"UniSDSDFTConfig.unisd_loss_path must be one of {LOSS_PATHS}, "
                 f"got {self.unisd_loss_path!r}"
             )
-        if self.unisd_impl not in KERNEL_IMPLS:
+        if self.unisd_impl not in IMPLS:
             raise ValueError(
-                f"UniSDSDFTConfig.unisd_impl must be one of {KERNEL_IMPLS}, got {self.unisd_impl!r}"
+                f"UniSDSDFTConfig.unisd_impl must be one of {IMPLS}, got {self.unisd_impl!r}"
             )
         cfg = self.unisd_loss_config()
         if cfg.needs_views and self.unisd_num_views < 2:

@@ -1,39 +1,14 @@
-"""The output layer of a causal LM as the fused-linear UniSD loss takes it (docs/trl.md):
-``logits = f(hidden @ weight.T + bias)``, with ``f`` the model's logit scale and/or softcap,
-and the check that a model's logits really are that function of its last hidden state."""
+"""The output layer of a causal LM as the fused-linear UniSD loss takes it (docs/trl.md): a
+``unisd_fast.LinearHead`` (``logits = f(hidden @ weight.T + bias)``, with ``f`` the model's
+logit scale and/or softcap), and the check that a model's logits really are that function of
+its last hidden state."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class LinearHead:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    scale: float | None
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """f(hidden @ weight.T + bias): the GEMM in the weight's dtype, f in float32 (the
-        scale first, then the softcap)."""
-        out = nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
-        if self.scale is not None:
-            out = out * self.scale
-        if self.softcap is not None:
-            out = self.softcap * torch.tanh(out / self.softcap)
-        return out
-
-    def cast(self, dtype: torch.dtype) -> LinearHead:
-        """This head with weight and bias in ``dtype`` (a differentiable cast)."""
-        if self.weight.dtype == dtype:
-            return self
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return LinearHead(self.weight.to(dtype), bias, self.softcap, self.scale)
-
+from .. import LinearHead
 
 MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,7 +42,7 @@ def head_mismatch(head: LinearHead, hidden: torch.Tensor, logits: torch.Tensor) 
     wide = (torch.float32, torch.float64)
     precise = head.weight.dtype in wide and logits.dtype == head.weight.dtype
     tol = (1e-4 if precise else 3e-2) * (1 + ref.abs().max().item())
-    diff = (head.logits(hidden) - ref).abs().max().item()
+    diff = (head.logits(hidden.to(head.weight.dtype), torch.float32) - ref).abs().max().item()
     if diff <= tol:
         return None
     return (

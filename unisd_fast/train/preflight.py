@@ -8,7 +8,7 @@ import importlib.util
 
 import torch
 
-from ..losses import triton_available_for
+from .. import resolve_impl
 from .config import TrainConfig
 from .errors import ConfigError, DataError
 from .models.load import resolve_device
@@ -36,11 +36,13 @@ def check_environment(cfg: TrainConfig) -> None:
         except RuntimeError as e:
             raise ConfigError(f"device {device!r} is not a torch device: {e}") from None
     resolved = resolve_device(cfg)
-    if cfg.loss_impl == "triton" and not triton_available_for(resolved):
+    try:
+        resolve_impl(cfg.loss_impl, resolved)
+    except RuntimeError:
         raise ConfigError(
-            f"loss_impl 'triton' needs a CUDA device (the run is on {resolved.type}); use "
-            "--loss-impl auto or torch on CPU"
-        )
+            f"loss_impl {cfg.loss_impl!r} needs a CUDA device (the run is on {resolved.type}); "
+            "use --loss-impl auto or torch on CPU"
+        ) from None
     if cfg.lora_r > 0 and importlib.util.find_spec("peft") is None:
         raise ConfigError('LoRA needs peft (pip install "unisd-fast[train]"), or pass --lora-r 0')
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from .. import LinearHead
 from .distributed import Parallel, all_reduce_sum, gradient_sync, unwrap
 from .rollout import generate, right_pad
-from .teachers import Head, Runner, Scorer, completion_hidden, lm_head
+from .teachers import Runner, Scorer, completion_hidden, lm_head
 
 
 @dataclass
@@ -109,7 +110,7 @@ def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items
         if setup.loss_path == "linear":
             from .. import unisd_linear_loss
 
-            t_head: Head = scores.get("head", head)
+            t_head: LinearHead = scores.get("head", head)
             out = unisd_linear_loss(
                 hidden,
                 head.weight,

@@ -12,11 +12,11 @@ module every use of a model goes through, so DistributedDataParallel and FSDP2 s
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import LinearHead
 from .distributed import full_tensor, local_tensor
 
 
@@ -72,38 +72,15 @@ def pack_rows(prompts: list[list[int]], completion: torch.Tensor, mask: torch.Te
     return ids, attn, positions, width
 
 
-@dataclass
-class Head:
-    """A causal LM's output head: ``z = f(h W^T + b)``, f the optional scale, then the
-    optional softcap (the order of ``unisd_linear_loss``)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    softcap: float | None
-    scale: float | None
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        z = nn.functional.linear(hidden, self.weight, self.bias)
-        if self.scale:
-            z = z * self.scale
-        if self.softcap:
-            z = self.softcap * torch.tanh(z / self.softcap)
-        return z
-
-    def detached(self) -> Head:
-        """A copy that owns its weights (for a sharded teacher, whose gathered head is freed
-        after its forward)."""
-        bias = None if self.bias is None else self.bias.detach().clone()
-        return Head(self.weight.detach().clone(), bias, self.softcap, self.scale)
-
-
-def lm_head(model: nn.Module) -> Head:
+def lm_head(model: nn.Module) -> LinearHead:
+    """The model's output head, ``z = f(h W^T + b)`` with its soft-cap and logit scale."""
     lm = _causal_lm(model)
     out = lm.get_output_embeddings()
     if not isinstance(out, nn.Linear):
         raise TypeError(f"the output head of {type(lm).__name__} is not an nn.Linear")
     cap = getattr(lm.config, "final_logit_softcapping", None)
-    return Head(out.weight, out.bias, cap or None, getattr(lm.config, "logit_scale", None) or None)
+    return LinearHead(out.weight, out.bias, cap or None,
+                      getattr(lm.config, "logit_scale", None) or None)
 
 
 def completion_hidden(model, prompts, completion, mask, pad_id: int) -> torch.Tensor:

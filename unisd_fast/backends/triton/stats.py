@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import RowStats
+from ..protocol import RowStats
 from .common import (
     DIVERGENCE_CODE,
     FKL,
@@ -197,11 +197,12 @@ def _label_logprob_kernel(
     tl.store(out_ptr + row, out)
 
 
-def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore_index: int):
+def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore_index: int,
+              max_block: int):
     """Per-row (lse_S, lse_T, D, aux, s_y, t_y, lse_S - lse_T), float32 (B, T) each."""
     B, T, V = z.shape
     outs = [torch.empty((B, T), dtype=torch.float32, device=z.device) for _ in range(7)]
-    block, warps = launch_geometry(V)
+    block, warps = launch_geometry(V, max_block)
     _stats_kernel[(B * T,)](
         z, u, labels, *outs, T, V, *strides_bt(z), *strides_bt(u), *strides_bt(labels),
         1.0 / tau, alpha, ignore_index,
@@ -210,11 +211,11 @@ def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore
     return RowStats(*outs)
 
 
-def label_logprob(x, labels, *, tau: float, ignore_index: int):
+def label_logprob(x, labels, *, tau: float, ignore_index: int, max_block: int):
     """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
     B, T, V = x.shape
     out = torch.empty((B, T), dtype=torch.float32, device=x.device)
-    block, warps = launch_geometry(V)
+    block, warps = launch_geometry(V, max_block)
     _label_logprob_kernel[(B * T,)](
         x, labels, out, T, V, *strides_bt(x), *strides_bt(labels), 1.0 / tau, ignore_index,
         BLOCK=block, num_warps=warps,

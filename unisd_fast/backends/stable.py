@@ -1,8 +1,8 @@
 """Cancellation-free pieces of the divergences when the student is close to the teacher.
 
 PyTorch forms of the functions of docs/losses.md, "Accuracy when the student is close to the
-teacher", shared by the CPU backend and the float32 path of the reference. The Triton kernels
-have their own copies (``kernels/common.py``).
+teacher", shared by the PyTorch backend and the float32 path of the reference. The Triton
+kernels have their own twins (``backends/triton/common.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 # Below these magnitudes the series are used; above them the direct forms lose no digits.
 EXPM1_SERIES_MAX = 0.5
 LOG1P_SERIES_MAX = 0.25
-GRAD_SERIES_MAX = 0.5
 # shifted_kl's log1p(w) is trusted for w = E_p[e^x] - 1 >= NEAR_MIN.
 NEAR_MIN = -0.5
 

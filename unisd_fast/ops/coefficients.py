@@ -1,4 +1,6 @@
-"""Length-N steps between the two passes: clip threshold, agreement weights, normalisers.
+"""The length-N step between the two passes: clip threshold, agreement weights, normalisers,
+hinge, and ``combine``, which folds them into the loss and two per-row gradient
+coefficients (docs/kernels.md, "The length-N step").
 
 Everything here works on (B, T) or (K, B, T) float32 tensors on the logits' device and never
 syncs with the host (no ``.item()``, no boolean indexing), so a CUDA step stays asynchronous.
@@ -6,11 +8,13 @@ syncs with the host (no ``.item()``, no boolean indexing), so a CUDA step stays 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
+from ..backends.protocol import RowStats
+from ..config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR, UniSDConfig
 
 
 def disagreement(view_lp, stat: str, unbiased: bool):
@@ -108,7 +112,8 @@ def row_coefficients(d, s_lab, t_lab, b_lab, mask, c, scales: RowScales, cfg):
 
 
 def token_scale(weights, normalize: str, num_items_in_batch):
-    """Per-token factor turning sum_i scale_i * x_i into the masked mean of section 2."""
+    """Per-token factor turning sum_i scale_i * x_i into the masked mean of docs/losses.md,
+    "Reductions"."""
     if num_items_in_batch is not None:
         return weights / num_items_in_batch
     if normalize == "sequence":
@@ -122,3 +127,51 @@ def hinge(s, a, b, margin: float):
     c = torch.clamp(margin + (s - a).abs() - (s - b).abs(), min=0.0)
     g = (c > 0).to(s.dtype) * (torch.sign(s - a) - torch.sign(s - b))
     return c, g
+
+
+@dataclass
+class Coefficients:
+    """The length-N step's results: the loss, its detached terms and diagnostics, and what
+    the gradient pass needs (``ck``, ``cc`` per row; the scaled hidden-state difference)."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    contrastive: torch.Tensor
+    feature: torch.Tensor
+    divergence: torch.Tensor
+    weight: torch.Tensor
+    clipped: torch.Tensor
+    ck: torch.Tensor
+    cc: torch.Tensor
+    hidden_grad: torch.Tensor | None
+
+
+def combine(stats: RowStats, mask: torch.Tensor, cfg: UniSDConfig, view_lp, negative_lp,
+            student_hidden, teacher_hidden, num_items_in_batch) -> Coefficients:
+    """From the row stats and the views' and negative's label log-probs to the loss and the
+    per-row gradient coefficients. Length-N work only; no host sync."""
+    d = stats.divergence
+    scales = row_scales(mask, cfg, view_lp, num_items_in_batch)
+    c = clip_threshold(d, mask, cfg)
+    b_lab = torch.where(mask, negative_lp.float(), 0.0) if cfg.contrastive_weight > 0 else None
+    rows = row_coefficients(d, stats.student_label, stats.teacher_label, b_lab, mask, c,
+                               scales, cfg)
+    d_used = torch.where(rows.clipped, c, d) if c is not None else d
+    kd = (scales.kd * d_used).sum()
+    loss = cfg.kd_weight * kd
+
+    contrastive = loss.new_zeros(())
+    if cfg.contrastive_weight > 0:
+        contrastive = (scales.token * rows.hinge).sum()
+        loss = loss + cfg.contrastive_weight * contrastive
+
+    feature = loss.new_zeros(())
+    diff = None
+    if cfg.feature_weight > 0:
+        diff = torch.where(mask.unsqueeze(-1),
+                           student_hidden.float() - teacher_hidden.float(), 0.0)
+        feature = (scales.token * diff.pow(2).mean(-1)).sum()
+        loss = loss + cfg.feature_weight * feature
+        diff.mul_((cfg.feature_weight * 2.0 / diff.shape[-1]) * scales.token.unsqueeze(-1))
+    return Coefficients(loss, kd, contrastive, feature, d, scales.weight, rows.clipped, rows.ck,
+                        rows.cc, diff)

@@ -1,12 +1,13 @@
-"""The row-backend interface that the fused autograd Function runs on.
+"""The row-backend interface that the fused autograd Functions run on.
 
-Two backends satisfy it: ``unisd_fast.kernels`` (Triton, CUDA or the interpreter) and
-``unisd_fast.torch_backend`` (PyTorch over row blocks, the CPU path). A backend may also offer
-``row_stats_and_grad`` (the CPU one does): ``row_stats`` plus the divergence gradient from the
-same call and whether that gradient is known to be finite, or None where it declines (large
-inputs); the Function uses it when present.
+Two backends satisfy it: ``backends.triton`` (the Triton kernels, CUDA or the interpreter)
+and ``backends.pytorch`` (the same passes in PyTorch over row blocks, the CPU path). A
+backend may also offer ``row_stats_and_grad`` (the PyTorch one does): ``row_stats`` plus the
+divergence gradient from the same call and whether that gradient is known to be finite, or
+None where it declines (large inputs); the Function uses it when present.
 Every tensor argument is a (B, T, ...) tensor read through its batch and time strides, so
-views such as ``logits[:, :-1]`` need no copy. docs/kernels.md describes the passes.
+views such as ``logits[:, :-1]`` need no copy. docs/kernels.md, "The backend Protocol",
+describes the passes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+# Views holding at most this many logits in all are scored by one call on their stack (the
+# stacking copies them; at that size a call's overhead costs more than the copy).
+STACK_ELEMENTS = 1 << 20
 
 
 class RowStats(NamedTuple):
@@ -36,7 +41,17 @@ class RowStats(NamedTuple):
 
 @runtime_checkable
 class RowBackend(Protocol):
-    """The three passes over (B, T, V) logits that every fused path is built from."""
+    """The three passes over (B, T, V) logits that every fused path is built from.
+
+    ``stack_elements``: views of at most this many logits in all are scored in one call.
+    ``vocab_tile(device)``: head rows per tile of the fused-linear form's tiled schedule on
+    ``device``, or None for whole-head GEMMs (docs/kernels.md, "The fused-linear form").
+    """
+
+    stack_elements: int
+
+    def vocab_tile(self, device: torch.device) -> int | None:
+        """Head rows per vocabulary tile of the fused-linear chunks, None: the whole head."""
 
     def row_stats(self, z: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, *,
                   divergence: str, tau: float, alpha: float, ignore_index: int) -> RowStats:

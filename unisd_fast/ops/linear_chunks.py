@@ -12,67 +12,30 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.protocol import RowBackend, RowStats
+from ..config import UniSDConfig
 from . import coefficients as co
-from .backend import RowBackend, RowStats
-from .config import UniSDConfig
-from .fused import Coefficients, combine
+from .coefficients import Coefficients, combine
+from .head import LinearHead
 
 N_STATS = len(RowStats._fields)
-VOCAB_TILE = {"cpu": 1024}
-
-
-def vocab_tile_for(device: torch.device) -> int | None:
-    """Head rows per tile of the vocabulary-tiled schedule on ``device``; None: whole-head
-    GEMMs (CUDA, where one GEMM per chunk runs at full speed)."""
-    return VOCAB_TILE.get(device.type)
-
-
-@dataclass(frozen=True)
-class LogitMap:
-    """``f`` applied to every head output: ``x * scale``, then ``cap * tanh(x / cap)``."""
-
-    softcap: float | None = None
-    scale: float | None = None
-
-    def apply_(self, x: torch.Tensor) -> None:
-        """x <- f(x), in place."""
-        if self.scale is not None:
-            x.mul_(self.scale)
-        if self.softcap is not None:
-            x.div_(self.softcap).tanh_().mul_(self.softcap)
-
-    def chain_(self, grad: torch.Tensor, z: torch.Tensor) -> None:
-        """grad <- grad * f'(x) from the outputs z = f(x); z is overwritten.
-        f'(x) = scale * (1 - (z / cap)^2) (each factor only where given)."""
-        if self.softcap is not None:
-            grad.mul_(z.div_(self.softcap).square_().neg_().add_(1.0))
-        if self.scale is not None:
-            grad.mul_(self.scale)
-
-
-@dataclass(frozen=True)
-class Head:
-    """An lm_head: weight (V, H) and optional bias (V,)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class LinearCall:
     """One call of the fused-linear loss, with (N, H) row views of the hidden states.
 
-    ``shared``: the teacher head is the student head (same weight and bias tensors), so the
-    student and teacher rows of a chunk go through one GEMM. ``grads``: which of d hidden,
-    d weight, d bias to compute. ``vocab_tile``: head rows per tile of the tiled schedule
-    (``run_chunks``), None for whole-head GEMMs.
+    The two heads share their soft-cap and scale. ``shared``: the teacher head is the
+    student head (same weight and bias tensors), so the student and teacher rows of a chunk
+    go through one GEMM. ``grads``: which of d hidden, d weight, d bias to compute.
+    ``vocab_tile``: head rows per tile of the tiled schedule (``run_chunks``), None for
+    whole-head GEMMs.
     """
 
     backend: RowBackend
     config: UniSDConfig
-    logit_map: LogitMap
-    student_head: Head
-    teacher_head: Head
+    student_head: LinearHead
+    teacher_head: LinearHead
     shared: bool
     student_rows: torch.Tensor
     teacher_rows: torch.Tensor
@@ -100,8 +63,7 @@ def chunk_ranges(N: int, parts: int, V: int, itemsize: int, chunk_bytes: int):
     return [(r0, min(N, r0 + rows)) for r0 in range(0, N, rows)]
 
 
-def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap,
-                cols: slice = slice(None)) -> None:
+def head_logits(out: torch.Tensor, head: LinearHead, rows, cols: slice = slice(None)) -> None:
     """out = f(h W[cols]^T + b[cols]) for the row blocks ``rows`` [h_i], stacked in order
     along the rows of ``out``: one GEMM over all blocks (the bias added in it, rounded once).
     ``cols`` selects head rows (a vocabulary tile); ``out`` may be a column slice."""
@@ -111,7 +73,7 @@ def head_logits(out: torch.Tensor, head: Head, rows, logit_map: LogitMap,
         torch.mm(h, w, out=out)
     else:
         torch.addmm(head.bias[cols], h, w, out=out)
-    logit_map.apply_(out)
+    head.map_(out)
 
 
 # log softmax(f(h W^T + b) / tau)[y] of each row of h, by one sweep over tiles of the head:
@@ -128,7 +90,7 @@ def label_logprobs_tiled(call: LinearCall, h, y, tau):
     for v0 in range(0, V, tile):
         v1 = min(V, v0 + tile)
         x = torch.empty((h.shape[0], v1 - v0), dtype=head.weight.dtype, device=h.device)
-        head_logits(x, head, [h], call.logit_map, slice(v0, v1))
+        head_logits(x, head, [h], slice(v0, v1))
         x = x.float().div_(tau)
         m_new = torch.maximum(m, x.amax(1))
         new_shift = torch.where(m_new.isfinite(), m_new, 0.0)
@@ -177,7 +139,7 @@ def score_rows(call: LinearCall, index: torch.Tensor, groups):
     for r0, r1 in ranges:
         n, idx = r1 - r0, index[r0:r1]
         logits = buf[:P * n]
-        head_logits(logits, head, [x.index_select(0, idx) for x in tensors], call.logit_map)
+        head_logits(logits, head, [x.index_select(0, idx) for x in tensors])
         first = 0
         for (xs, tau), out in zip(groups, outs, strict=True):
             rows = logits[first * n:(first + len(xs)) * n]
@@ -193,14 +155,14 @@ def chunk_grad(call: LinearCall, z, u, y, stats: RowStats, rows: co.RowCoefficie
     """d loss / d x of the chunk's pre-``f`` student logits x, written over z (or over u when
     f has a soft-cap, whose derivative needs z). Returns the tensor that holds it."""
     cfg = call.config
-    out = u if call.logit_map.softcap is not None else z
+    out = u if call.student_head.softcap is not None else z
     V = z.shape[-1]
     call.backend.write_grad(z.view(1, -1, V), u.view(1, -1, V), y.view(1, -1),
                             out.view(1, -1, V), RowStats(*(s.view(1, -1) for s in stats)),
                             rows.ck.view(1, -1), rows.cc.view(1, -1),
                             divergence=cfg.divergence, tau=cfg.temperature,
                             alpha=cfg.jsd_alpha)
-    call.logit_map.chain_(out, z)
+    call.student_head.chain_(out, z)
     return out
 
 
@@ -308,10 +270,10 @@ def chunk_logits(call: LinearCall, chunk: Chunk, cols: slice = slice(None)) -> N
     u = f(ht W_T^T + b_T) in the last n; one GEMM when the head is shared."""
     n, logits = chunk.hs.shape[0], chunk.logits
     if chunk.stacked is not None:
-        head_logits(logits[:, cols], call.student_head, [chunk.stacked], call.logit_map, cols)
+        head_logits(logits[:, cols], call.student_head, [chunk.stacked], cols)
     else:
-        head_logits(logits[:n, cols], call.student_head, [chunk.hs], call.logit_map, cols)
-        head_logits(logits[n:, cols], call.teacher_head, [chunk.ht], call.logit_map, cols)
+        head_logits(logits[:n, cols], call.student_head, [chunk.hs], cols)
+        head_logits(logits[n:, cols], call.teacher_head, [chunk.ht], cols)
 
 
 def tiled_sweep(call: LinearCall, acc: Accumulators, chunk: Chunk | None,

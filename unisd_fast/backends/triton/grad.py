@@ -18,10 +18,6 @@ from .common import (
     to_bf16_rne,
 )
 
-# Programs the gradient grid aims for: enough to fill an H100 (132 SMs, a few 16-warp
-# programs each) several times over.
-TARGET_PROGRAMS = 1024
-
 
 # dz_v = ( CK * G_v + CC * (1[v == y] - p_S,v) ) / tau, with per-row constants CK (kd
 # weight x agreement weight x not-clipped / normaliser x grad_output) and CC (contrastive
@@ -93,21 +89,22 @@ def _grad_kernel(
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
-def column_chunks(rows: int, vocab: int, block: int) -> int:
+def column_chunks(rows: int, vocab: int, block: int, target_programs: int) -> int:
     """Columns per program of the gradient grid: the whole row (a 1-D grid) when there are
-    at least TARGET_PROGRAMS rows, else rows are split into vocabulary chunks (whole tiles)
-    until about TARGET_PROGRAMS programs run (docs/kernels.md)."""
+    at least ``target_programs`` rows, else rows are split into vocabulary chunks (whole
+    tiles) until about ``target_programs`` programs run (docs/kernels.md)."""
     tiles = triton.cdiv(vocab, block)
-    chunks = min(tiles, max(1, triton.cdiv(TARGET_PROGRAMS, rows)))
+    chunks = min(tiles, max(1, triton.cdiv(target_programs, rows)))
     return triton.cdiv(tiles, chunks) * block
 
 
-def write_grad(z, u, labels, out, stats, ck, cc, *, divergence: str, tau: float, alpha: float):
+def write_grad(z, u, labels, out, stats, ck, cc, *, divergence: str, tau: float, alpha: float,
+               max_block: int, target_programs: int):
     """Write d loss / d z into ``out`` (may be ``z`` itself) from row stats and coefficients."""
     B, T, V = z.shape
     rows = (stats.lse_s, stats.lse_t, stats.lse_gap, stats.divergence, stats.aux)
-    block, warps = launch_geometry(V)
-    cols = column_chunks(B * T, V, block)
+    block, warps = launch_geometry(V, max_block)
+    cols = column_chunks(B * T, V, block, target_programs)
     _grad_kernel[(B * T, triton.cdiv(V, cols))](
         z, u, labels, out, *(t.contiguous() for t in rows), ck.contiguous(), cc.contiguous(),
         T, V, cols, *strides_bt(z), *strides_bt(u), *strides_bt(labels), *strides_bt(out),

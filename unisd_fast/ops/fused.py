@@ -1,10 +1,10 @@
-"""The fused UniSD loss as one ``torch.autograd.Function`` over a ``RowBackend``.
+"""The fused UniSD loss on logits as one ``torch.autograd.Function`` over a ``RowBackend``.
 
 Forward runs the stats pass and the length-N coefficient step (``coefficients.py``); backward
 runs the gradient pass with grad_output folded into the two per-row coefficients, so the
-logits are read twice and the gradient written once in all (docs/kernels.md). For small
-inputs a backend's ``row_stats_and_grad`` returns the divergence gradient from the forward's
-one call, and the backward only scales it (``scaled_grad``).
+logits are read twice and the gradient written once in all (docs/kernels.md, "Pass 1" and
+"Pass 2"). For small inputs a backend's ``row_stats_and_grad`` returns the divergence
+gradient from the forward's one call, and the backward only scales it (``scaled_grad``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import coefficients as co
-from .backend import RowBackend, RowStats
-from .config import UniSDConfig
-
-STACK_ELEMENTS = 1 << 20
+from ..backends.protocol import RowBackend, RowStats
+from ..config import UniSDConfig
+from .coefficients import combine
 
 
 @dataclass(frozen=True)
@@ -40,54 +38,6 @@ class FusedCall:
     needs_grad: bool = True
 
 
-@dataclass
-class Coefficients:
-    """The length-N step's results: the loss, its detached terms and diagnostics, and what
-    the gradient pass needs (``ck``, ``cc`` per row; the scaled hidden-state difference)."""
-
-    loss: torch.Tensor
-    kd: torch.Tensor
-    contrastive: torch.Tensor
-    feature: torch.Tensor
-    divergence: torch.Tensor
-    weight: torch.Tensor
-    clipped: torch.Tensor
-    ck: torch.Tensor
-    cc: torch.Tensor
-    hidden_grad: torch.Tensor | None
-
-
-def combine(stats: RowStats, mask: torch.Tensor, cfg: UniSDConfig, view_lp, negative_lp,
-            student_hidden, teacher_hidden, num_items_in_batch) -> Coefficients:
-    """From the row stats and the views' and negative's label log-probs to the loss and the
-    per-row gradient coefficients. Length-N work only; no host sync."""
-    d = stats.divergence
-    scales = co.row_scales(mask, cfg, view_lp, num_items_in_batch)
-    c = co.clip_threshold(d, mask, cfg)
-    b_lab = torch.where(mask, negative_lp.float(), 0.0) if cfg.contrastive_weight > 0 else None
-    rows = co.row_coefficients(d, stats.student_label, stats.teacher_label, b_lab, mask, c,
-                               scales, cfg)
-    d_used = torch.where(rows.clipped, c, d) if c is not None else d
-    kd = (scales.kd * d_used).sum()
-    loss = cfg.kd_weight * kd
-
-    contrastive = loss.new_zeros(())
-    if cfg.contrastive_weight > 0:
-        contrastive = (scales.token * rows.hinge).sum()
-        loss = loss + cfg.contrastive_weight * contrastive
-
-    feature = loss.new_zeros(())
-    diff = None
-    if cfg.feature_weight > 0:
-        diff = torch.where(mask.unsqueeze(-1),
-                           student_hidden.float() - teacher_hidden.float(), 0.0)
-        feature = (scales.token * diff.pow(2).mean(-1)).sum()
-        loss = loss + cfg.feature_weight * feature
-        diff.mul_((cfg.feature_weight * 2.0 / diff.shape[-1]) * scales.token.unsqueeze(-1))
-    return Coefficients(loss, kd, contrastive, feature, d, scales.weight, rows.clipped, rows.ck,
-                        rows.cc, diff)
-
-
 def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):
     """Label log-probs of a view or negative (B, T, V) at temperature ``tau``."""
     return backend.label_logprob(x, labels, tau=tau, ignore_index=cfg.ignore_index)
@@ -95,9 +45,9 @@ def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):
 
 def score_views(backend: RowBackend, views, labels, cfg: UniSDConfig):
     """(K, B, T) label log-probs of the K views: one call on the views stacked along the
-    batch when they hold at most STACK_ELEMENTS logits in all (the stacking copies them; at
-    that size a call's overhead costs more than the copy), one call per view otherwise."""
-    if sum(v.numel() for v in views) > STACK_ELEMENTS:
+    batch when they hold at most ``backend.stack_elements`` logits in all, one call per view
+    otherwise."""
+    if sum(v.numel() for v in views) > backend.stack_elements:
         return torch.stack([score(backend, v, labels, cfg.view_temperature, cfg)
                             for v in views])
     lp = score(backend, torch.cat(views), labels.repeat(len(views), 1), cfg.view_temperature,

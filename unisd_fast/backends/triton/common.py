@@ -1,11 +1,11 @@
-"""Shared pieces of the row kernels: int64 row addressing and the launch geometry."""
+"""Shared pieces of the row kernels: int64 row addressing, the launch geometry and the
+cancellation-free helpers."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-MAX_BLOCK = 4096
 DIVERGENCE_CODE = {"fkl": 0, "rkl": 1, "jsd": 2}
 FKL = tl.constexpr(DIVERGENCE_CODE["fkl"])
 RKL = tl.constexpr(DIVERGENCE_CODE["rkl"])
@@ -29,9 +29,9 @@ def to_bf16_rne(x):
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-def launch_geometry(vocab: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): a power-of-two vocabulary tile of at most MAX_BLOCK columns."""
-    block = min(MAX_BLOCK, triton.next_power_of_2(vocab))
+def launch_geometry(vocab: int, max_block: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): a power-of-two vocabulary tile of at most ``max_block`` columns."""
+    block = min(max_block, triton.next_power_of_2(vocab))
     if block >= 4096:
         warps = 16
     elif block >= 2048:
@@ -47,7 +47,7 @@ def strides_bt(x) -> tuple[int, int]:
 
 
 # The cancellation-free helpers of docs/losses.md ("Accuracy when the student is close to the
-# teacher"), Triton twins of unisd_fast/stable.py. No libdevice: series and exp/log only.
+# teacher"), Triton twins of unisd_fast/backends/stable.py. No libdevice: series and exp/log only.
 
 # e^x - 1 - x for |x| < 0.5 (the caller masks x): x^2 (1/2! + x/3! + ... + x^7/9!).
 @triton.jit
