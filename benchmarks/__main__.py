@@ -13,6 +13,8 @@ import shlex
 import sys
 import time
 
+from .output import add_output_arguments, output_dir
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -63,8 +65,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--anchor-vocab", type=int, default=None, help="default: largest --vocab")
     ap.add_argument("--anchor-tokens", type=int, default=None,
                     help="default: largest --tokens")
-    ap.add_argument("--out", default=None,
-                    help="output folder (default benchmarks/results/<device>)")
+    add_output_arguments(ap, "<device>")
     ap.add_argument("--no-errors", dest="errors", action="store_false",
                     help="skip the float64 reference and the error metrics")
     ap.add_argument("--in-process", action="store_true",
@@ -100,7 +101,7 @@ def _finish_defaults(opts) -> None:
         from .providers import CPU_DEFAULT, CUDA_DEFAULT
 
         opts.providers = list(CUDA_DEFAULT if opts.device == "cuda" else CPU_DEFAULT)
-    opts.out = opts.out or os.path.join("benchmarks", "results", opts.device)
+    opts.out = output_dir(opts, "<device>", opts.device)
     opts.deadline = time.time() + opts.time_budget if opts.time_budget else None
     bad = [m for m in opts.modes if m not in ("fwd", "bwd", "fwd_bwd")]
     if bad:

@@ -28,6 +28,7 @@ import torch
 
 from . import linear_providers as lp
 from .inputs import config_for
+from .output import add_output_arguments, output_dir
 
 PREFIX = "RECORD "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def parse(argv=None) -> argparse.Namespace:
                          "no memory figures")
     ap.add_argument("--in-process", action="store_true",
                     help="CPU: no worker processes (memory figures then only approximate)")
-    ap.add_argument("--out", default=None, help="default benchmarks/results/<device>-linear")
+    add_output_arguments(ap, "<device>-linear")
     ap.add_argument("--worker", metavar="JOB", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -351,10 +352,9 @@ def main(argv=None) -> None:
     if opts.device is None:
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
     opts.dtype = opts.dtype or ("bf16" if opts.device == "cuda" else "fp32")
-    opts.out = opts.out or os.path.join(ROOT, "benchmarks", "results", f"{opts.device}-linear")
+    opts.out = output_dir(opts, "<device>-linear", opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    os.makedirs(opts.out, exist_ok=True)
     cases = _cases(opts)
     providers = _names(opts.providers)
     command = "python -m benchmarks.linear " + " ".join(

@@ -9,8 +9,9 @@ from pathlib import Path
 
 
 def run_compiled(script: str, *args: str, **env: str) -> str:
-    """The script's stdout; its stderr's tail as the failure message if it exits non-zero.
-    ``env`` adds variables to the child's environment."""
+    """The script's stdout; its stderr's tail as the failure message if it exits non-zero
+    (past the time limit, tests/conftest.py reports it in one line). ``env`` adds variables
+    to the child's environment."""
     child_env = {**os.environ, "UNISD_FAST_COMPILE": "1", **env}
     child_env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", script, *args], cwd=Path(__file__).parent,

@@ -1,5 +1,10 @@
 """The compiled CPU path (torch.compile of the per-block passes), in a fresh interpreter so
-that UNISD_FAST_COMPILE=1 takes effect, against the float64 reference."""
+that UNISD_FAST_COMPILE=1 takes effect, against the float64 reference.
+
+Compiling with inductor from an empty cache is slow on a small CPU (about 3 min for the full
+matrix, 2 min for the buffer check on 2 cores), so the default suite runs a quick subset
+(fp32, fkl and jsd, both paths: the two compiled-code traps below included) and the full
+matrix and the buffer check are marked ``slow`` (``python -m pytest -m slow``)."""
 
 import textwrap
 
@@ -8,21 +13,23 @@ import torch
 from compiled_process import run_compiled
 
 SCRIPT = textwrap.dedent("""
-    import itertools
+    import itertools, sys
     import torch
     import unisd_fast as usd
     from unisd_fast.backends.pytorch import TorchBackend
     from loss_inputs import make_inputs, run_loss
 
+    full = sys.argv[1] == "full"
     backends = {small: TorchBackend(compile_min_elements=0, small_elements=small)
                 for small in (1 << 20, 0)}
     assert all(b.is_compiled for b in backends.values())
     torch.manual_seed(0)
     # small inputs take the one-call path (stats and divergence gradient); small_elements=0
     # turns it off, so the streaming passes run too
-    for small, preset, dtype in ((1 << 20, "unisd_star", torch.float32),
-                                 (0, "unisd_star", torch.float32),
-                                 (1 << 20, "gkd", torch.bfloat16), (0, "gkd", torch.bfloat16)):
+    cases = [(1 << 20, "unisd_star", torch.float32), (0, "unisd_star", torch.float32)]
+    if full:
+        cases += [(1 << 20, "gkd", torch.bfloat16), (0, "gkd", torch.bfloat16)]
+    for small, preset, dtype in cases:
         cfg = usd.UniSDConfig.preset(preset)
         for T in (8, 5):  # a second row count reuses the dynamic-rows graph
             inputs = make_inputs(B=2, T=T, V=1000, dtype=dtype)
@@ -43,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     y = torch.randint(0, 32000, (2, 4), generator=gen)
     for small, eps in itertools.product((1 << 20, 0), (0.002, 0.5)):
         z = u + eps * torch.randn(2, 4, 32000, generator=gen)
-        for divergence in ("fkl", "rkl", "jsd"):
+        for divergence in ("fkl", "rkl", "jsd") if full else ("fkl", "jsd"):
             cfg = usd.UniSDConfig(divergence=divergence, temperature=0.7)
             grads = []
             for x, impl in ((z.double(), "reference"), (z, backends[small])):
@@ -59,8 +66,10 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
-def test_compiled_cpu_path_matches_reference():
-    assert "compiled ok" in run_compiled(SCRIPT)
+@pytest.mark.parametrize("extent", [
+    "quick", pytest.param("full", marks=pytest.mark.slow)])
+def test_compiled_cpu_path_matches_reference(extent):
+    assert "compiled ok" in run_compiled(SCRIPT, extent)
 
 
 BUFFERS = textwrap.dedent("""
@@ -98,6 +107,7 @@ BUFFERS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_compiled_passes_allocate_no_block_sized_buffer():
     """Inductor's default realize_opcount_threshold stored the shifted sums' terms as a
