@@ -59,10 +59,19 @@ class Case:
 
 
 def config_for(preset: str):
-    """The UniSDConfig of a preset name."""
+    """The UniSDConfig of a preset name, or of ``name/field=value/...`` (the preset with those
+    fields changed, e.g. ``sd/divergence=rkl/normalize=token``)."""
     from unisd_fast.config import UniSDConfig
 
-    return UniSDConfig.preset(preset)
+    name, *changes = preset.split("/")
+    fields = {}
+    for change in changes:
+        key, _, text = change.partition("=")
+        try:
+            fields[key] = float(text) if "." in text or "e" in text else int(text)
+        except ValueError:
+            fields[key] = text
+    return UniSDConfig.preset(name, **fields)
 
 
 def needs(cfg) -> tuple[bool, bool, bool]:

@@ -75,6 +75,11 @@ def _cases(opts) -> list[lp.LinearCase]:
                           opts.dtype) for p in _names(opts.presets) for h in _names(opts.heads)]
 
 
+def grad_file(grad_dir: str, provider: str, preset: str, head: str) -> str:
+    """Where a provider's d hidden of a case is kept for the error columns."""
+    return os.path.join(grad_dir, f"{provider}_{preset.replace('/', '+')}_{head}.pt")
+
+
 def _one_rep(fn, inputs, memory, clock):
     for t in lp.grad_leaves(inputs):
         t.grad = None
@@ -155,7 +160,7 @@ def time_case(name, case, opts, grad_dir) -> dict:
         return rec
     if grad_dir:
         torch.save(inputs["student_hidden"].grad.float().cpu(),
-                   os.path.join(grad_dir, f"{name}_{case.preset}_{case.head}.pt"))
+                   grad_file(grad_dir, name, case.preset, case.head))
     for key in ("fwd_ms", "bwd_ms"):
         rec[key] = sorted(r[key] for r in reps)[len(reps) // 2]
     rec["fwd_bwd_ms"] = sorted(r["fwd_ms"] + r["bwd_ms"] for r in reps)[len(reps) // 2]
@@ -189,7 +194,7 @@ def time_interleaved(names, case, opts) -> list[dict]:
             recs[name]["reps"].append(_one_rep(fn, inputs, memory, clock))
             if opts.get("grad_dir"):
                 torch.save(inputs["student_hidden"].grad.float().cpu(),
-                           os.path.join(opts["grad_dir"], f"{name}_{case.preset}_{case.head}.pt"))
+                           grad_file(opts["grad_dir"], name, case.preset, case.head))
     for name in fns:
         rs = recs[name].pop("reps")
         for key in ("fwd_ms", "bwd_ms"):
@@ -282,12 +287,13 @@ def _errors(records, grad_dir) -> None:
             if r["provider"] == BASELINE and r["status"] == "ok"}
     for r in records:
         key = (r["case"]["preset"], r["case"]["head"])
-        if r["status"] != "ok" or key not in base or r["provider"] == "liger":
+        if (r["status"] != "ok" or key not in base
+                or not lp.comparable_loss(r["provider"], config_for(key[0]))):
             continue
         ref = base[key]
         r["loss_rel_err"] = abs(r["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
-        g = torch.load(os.path.join(grad_dir, f"{r['provider']}_{key[0]}_{key[1]}.pt"))
-        g0 = torch.load(os.path.join(grad_dir, f"{BASELINE}_{key[0]}_{key[1]}.pt"))
+        g = torch.load(grad_file(grad_dir, r["provider"], *key))
+        g0 = torch.load(grad_file(grad_dir, BASELINE, *key))
         r["dh_rel_err"] = float((g - g0).abs().max() / g0.abs().max().clamp_min(1e-30))
 
 
@@ -308,23 +314,24 @@ def table(records) -> str:
         return f"{r[key] / b[key]:.3f}"
 
     head = ("| preset | head | provider | fwd+bwd s | fwd s | bwd s | mem MiB (no grads) | "
-            "mem MiB raw | time / mat-unisd | time / liger | mem / mat-eager | "
-            "mem / mat-unisd | loss err | dh err |")
-    lines = [head, "|" + "---|" * 14]
+            "mem MiB raw | time / mat-unisd | time / liger | time / trl | mem / mat-eager | "
+            "mem / mat-unisd | mem / trl | loss err | dh err |")
+    lines = [head, "|" + "---|" * 16]
     order = {name: i for i, name in enumerate(lp.PROVIDERS)}
     for r in sorted(records, key=lambda r: (r["case"]["preset"], r["case"]["head"],
                                             order.get(r["provider"], 99))):
         c = r["case"]
         if r["status"] != "ok":
             lines.append(f"| {c['preset']} | {c['head']} | {r['provider']} | "
-                         f"{r['status']}: {r['note']} |" + " |" * 10)
+                         f"{r['status']}: {r['note']} |" + " |" * 12)
             continue
         lines.append(
             f"| {c['preset']} | {c['head']} | {r['provider']} | {r['fwd_bwd_ms'] / 1e3:.2f} | "
             f"{r['fwd_ms'] / 1e3:.2f} | {r['bwd_ms'] / 1e3:.2f} | {mib(r, 'mem')} | "
             f"{mib(r, 'peak')} | {ratio(r, 'materialise-unisd', 'fwd_bwd_ms')} | "
-            f"{ratio(r, 'liger', 'fwd_bwd_ms')} | {ratio(r, BASELINE, 'mem')} | "
-            f"{ratio(r, 'materialise-unisd', 'mem')} | "
+            f"{ratio(r, 'liger', 'fwd_bwd_ms')} | {ratio(r, 'trl', 'fwd_bwd_ms')} | "
+            f"{ratio(r, BASELINE, 'mem')} | {ratio(r, 'materialise-unisd', 'mem')} | "
+            f"{ratio(r, 'trl', 'mem')} | "
             f"{r.get('loss_rel_err', float('nan')):.1e} | "
             f"{r.get('dh_rel_err', float('nan')):.1e} |")
     return "\n".join(lines) + "\n"

@@ -14,6 +14,13 @@ liger              Liger-Kernel's LigerFusedLinearJSDLoss (chunked_loss; its def
                    torch.compile'd chunks of 1024 rows), fkl (beta 0) or jsd only, no extra
                    terms; it normalises over tokens (the loss value differs for sequence
                    normalisation, the work does not)
+trl                TRL 1.16's fused-linear divergence of its DistillationTrainer
+                   (trainer/distillation_trainer.py::_chunked_divergence_loss over
+                   kernels/chunked_divergence.py::ChunkedDivergenceFunction: float32 tiles of
+                   4096 tokens x 32768 vocabulary, Triton on CUDA, its PyTorch tiles on CPU;
+                   the GEMMs recomputed in backward); fkl (beta 0), rkl (1), jsd (alpha), no
+                   extra terms; the token mean over the loss positions (compare it with
+                   ``normalize=token`` presets, e.g. ``sd/normalize=token``)
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import torch.nn.functional as F
 
 from .inputs import DTYPES, IGNORE_FRACTION, IGNORE_INDEX, TEACHER_STD, config_for
 
-PROVIDERS = ("materialise-eager", "materialise-unisd", "linear", "liger")
+PROVIDERS = ("materialise-eager", "materialise-unisd", "linear", "liger", "trl")
+# TRL's divergence selector beta for each of ours (docs/trl.md)
+TRL_BETA = {"fkl": lambda cfg: 0.0, "rkl": lambda cfg: 1.0, "jsd": lambda cfg: cfg.jsd_alpha}
 HIDDEN_NOISE = 0.1
 VIEW_NOISE = 0.3
 LABEL_ROWS = 64
@@ -97,9 +106,13 @@ def grad_leaves(inputs: dict) -> list[torch.Tensor]:
 
 
 def liger_covers(cfg) -> bool:
-    return (cfg.divergence in ("fkl", "jsd") and cfg.clip is None and cfg.clip_quantile is None
-            and cfg.agreement == "none" and cfg.contrastive_weight == 0
-            and cfg.feature_weight == 0)
+    return cfg.divergence in ("fkl", "jsd") and divergence_only(cfg)
+
+
+def divergence_only(cfg) -> bool:
+    """The config is the divergence term alone (what the peers' fused-linear losses compute)."""
+    return (cfg.clip is None and cfg.clip_quantile is None and cfg.agreement == "none"
+            and cfg.contrastive_weight == 0 and cfg.feature_weight == 0)
 
 
 def unavailable(name: str, cfg) -> str | None:
@@ -111,7 +124,19 @@ def unavailable(name: str, cfg) -> str | None:
             return "liger-kernel not installed (pip install --no-deps liger-kernel)"
         if not liger_covers(cfg):
             return "liger's fused-linear JSD has no agreement/contrastive/feature/clip term"
+    if name == "trl":
+        if importlib.util.find_spec("trl") is None:
+            return 'trl not installed (pip install "unisd-fast[trl]")'
+        if not divergence_only(cfg):
+            return "TRL's fused-linear divergence has no agreement/contrastive/feature/clip term"
     return None
+
+
+def comparable_loss(name: str, cfg) -> bool:
+    """Whether provider ``name`` computes our loss value for ``cfg`` (not only its work)."""
+    if name == "liger":
+        return False
+    return name != "trl" or cfg.normalize == "token"
 
 
 def _logits(inputs: dict) -> dict:
@@ -156,6 +181,19 @@ def make(name: str, cfg, chunk_bytes: int | None = None):
             return cfg.kd_weight * loss_fn(hs.view(-1, H), w,
                                            inputs["teacher_hidden"].view(-1, H), w.detach(),
                                            inputs["labels"].view(-1))
+
+        return fn
+    if name == "trl":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        beta = TRL_BETA[cfg.divergence](cfg)
+
+        def fn(inputs):
+            w = inputs["student_weight"]
+            loss, _, _ = _chunked_divergence_loss(
+                inputs["student_hidden"], inputs["teacher_hidden"], w, w.detach(),
+                inputs["labels"] != cfg.ignore_index, beta, temperature=cfg.temperature)
+            return cfg.kd_weight * loss
 
         return fn
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
