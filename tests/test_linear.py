@@ -320,8 +320,13 @@ def test_nothing_of_tokens_by_vocab_one_gemm_per_chunk_for_a_shared_head(shared,
     for cfg, trainable in ((usd.UniSDConfig(), False),
                            (usd.UniSDConfig.preset("unisd_star"), True)):
         mode = _Sizes(widths)
-        with mode:
-            _chunk_call(case, cfg, chunk_bytes, trainable, vocab_tile)()
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # a dispatch mode sees only its own thread: no tile workers
+        try:
+            with mode:
+                _chunk_call(case, cfg, chunk_bytes, trainable, vocab_tile)()
+        finally:
+            torch.set_num_threads(before)
         limit = max(chunk_bytes // 4, Vbig * H)  # a chunk's logits; the weight (views)
         assert mode.largest <= limit < B * T * Vbig
         if cfg.agreement == "none":
@@ -403,3 +408,27 @@ def test_backward_allocates_nothing_weight_sized():
         (2.0 * out.loss).backward()
     # the forward's d W is scaled in place and handed over: no zeros, no copy
     assert set(made) <= {torch.ops.aten.mul_.Tensor, torch.ops.aten.detach.default}, made
+
+
+@pytest.mark.parametrize("preset", ["sd", "unisd_star"])
+def test_tiles_shared_over_workers_are_deterministic(preset):
+    """The CPU sweep shares its tiles out over torch's intra-op thread count of workers:
+    one worker and two give the same loss and gradients up to the order of the d h sums, and
+    a repeated call is bit-identical."""
+    case = make_case(V=V)
+    cfg = usd.UniSDConfig.preset(preset)
+    before = torch.get_num_threads()
+    try:
+        runs = {}
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            runs.setdefault(threads, []).append(
+                run_linear(case, cfg, chunk_bytes=CHUNK, logit_softcap=3.0))
+    finally:
+        torch.set_num_threads(before)
+    (one,), (two, again) = runs[1], runs[2]
+    torch.testing.assert_close(two[0].loss, one[0].loss, atol=1e-7, rtol=1e-6)
+    for a, b, c in zip(two[1], one[1], again[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+        assert torch.equal(a, c)
+    assert torch.equal(two[0].loss, again[0].loss)

@@ -8,6 +8,7 @@ row). docs/kernels.md, "The fused-linear form", describes the passes and the two
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from ..config import UniSDConfig
 from . import coefficients as co
 from .coefficients import Coefficients, combine
 from .head import LinearHead
+from .tiles import run_shares, shares, tile_ranges
 
 N_STATS = len(RowStats._fields)
 
@@ -78,17 +80,18 @@ def head_logits(out: torch.Tensor, head: LinearHead, rows, cols: slice = slice(N
 
 # log softmax(f(h W^T + b) / tau)[y] of each row of h, by one sweep over tiles of the head:
 # per tile x = f(h W_tile^T + b_tile) / tau, an online log-sum-exp (running max m, float64
-# sum s of exp(x - m), rescaled by exp(m_old - m_new) when the max grows) and the label's
-# logit taken from the tile that holds it; at the end lp = x_y - (m + log s), NaN where
+# sum s of exp(x - shift), shift = m where finite, rescaled by exp(shift_old - shift_new)
+# when the max grows) and the label's logit taken from the tile that holds it. Each worker
+# sweeps its share of the tiles (``tiles.run_shares``); the shares' (m, s) merge the same
+# way, s = sum_w s_w exp(shift_w - shift). At the end lp = x_y - (shift + log s), NaN where
 # that log-sum-exp is not finite (a row holding +inf, as in the reference).
-def label_logprobs_tiled(call: LinearCall, h, y, tau):
-    head, V, tile = call.teacher_head, call.teacher_head.weight.shape[0], call.vocab_tile
+def _online_lse(call: LinearCall, h, y, tau, share):
+    head = call.teacher_head
     m = torch.full((h.shape[0],), float("-inf"), device=h.device)
     total = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
     label = torch.zeros(h.shape[0], device=h.device)
     shift = torch.zeros_like(m)
-    for v0 in range(0, V, tile):
-        v1 = min(V, v0 + tile)
+    for v0, v1 in share:
         x = torch.empty((h.shape[0], v1 - v0), dtype=head.weight.dtype, device=h.device)
         head_logits(x, head, [h], slice(v0, v1))
         x = x.float().div_(tau)
@@ -99,6 +102,22 @@ def label_logprobs_tiled(call: LinearCall, h, y, tau):
         at = (y - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)
         label = torch.where((y >= v0) & (y < v1), x.gather(1, at).squeeze(1), label)
         m, shift = m_new, new_shift
+    holds = torch.zeros_like(y, dtype=torch.bool)
+    for v0, v1 in share:
+        holds |= (y >= v0) & (y < v1)
+    return m, shift, total, label, holds
+
+
+def label_logprobs_tiled(call: LinearCall, h, y, tau):
+    V = call.teacher_head.weight.shape[0]
+    parts = run_shares(lambda share: _online_lse(call, h, y, tau, share),
+                       tile_ranges(V, call.vocab_tile))
+    m = functools.reduce(torch.maximum, [p[0] for p in parts])
+    shift = torch.where(m.isfinite(), m, 0.0)
+    total = sum(p[2] * torch.exp(p[1] - shift).double() for p in parts)
+    label = parts[0][3]
+    for p in parts[1:]:
+        label = torch.where(p[4], p[3], label)
     lse = shift.double() + total.log()
     return torch.where(lse.isfinite(), label.double() - lse, float("nan")).float()
 
@@ -193,8 +212,8 @@ class Accumulators:
     the gradients asked for.
 
     In the tiled schedule with rows to score, d W is not zeroed: the first chunk's products
-    overwrite it (``weight_beta`` 0 until its last tile, then 1), which saves a pass over a
-    weight-sized buffer.
+    overwrite it (``weight_beta`` 0 during the first sweep with products, then 1), which
+    saves a pass over a weight-sized buffer.
     """
 
     def __init__(self, call: LinearCall, n_rows: int):
@@ -228,17 +247,17 @@ class Accumulators:
         if self.bias is not None:
             self.bias.add_(grad.sum(0, dtype=torch.float32))
 
-    def add_tile(self, call: LinearCall, pending: Pending, v0: int, v1: int) -> None:
+    def add_tile(self, call: LinearCall, pending: Pending, v0: int, v1: int,
+                 hidden: torch.Tensor | None) -> None:
         """``add`` restricted to head rows v0:v1, accumulated: d h += dx[:, v0:v1] W[v0:v1]
-        (float32 operands, so a 16-bit head's products are summed over tiles in float32)."""
+        into ``hidden`` (the pending rows' d h, or a worker's partial sum of it; float32
+        operands, so a 16-bit head's products are summed over tiles in float32)."""
         w = call.student_head.weight[v0:v1].float()
         g = pending.grad[:, v0:v1].float()
-        if self.hidden is not None:
-            self.hidden[pending.r0:pending.r0 + g.shape[0]].addmm_(g, w)
+        if hidden is not None:
+            hidden.addmm_(g, w)
         if self.weight is not None:
             self.weight[v0:v1].addmm_(g.t(), pending.h, beta=self.weight_beta)
-            if v1 == self.weight.shape[0]:  # the sweep's last tile: d W is written throughout
-                self.weight_beta = 1.0
         if self.bias is not None:
             self.bias[v0:v1].add_(g.sum(0))
 
@@ -282,14 +301,30 @@ def tiled_sweep(call: LinearCall, acc: Accumulators, chunk: Chunk | None,
     products of the ``pending`` chunk's gradient, then the logits of ``chunk`` (or None),
     tile by tile, so that each head tile is read from memory once for both. The logits may
     overwrite any rows of the pending gradient: a tile's columns of the gradient are used
-    before the same columns of the logits are written."""
-    V = call.student_head.weight.shape[0]
-    for v0 in range(0, V, call.vocab_tile):
-        v1 = min(V, v0 + call.vocab_tile)
-        if pending is not None:
-            acc.add_tile(call, pending, v0, v1)
-        if chunk is not None:
-            chunk_logits(call, chunk, slice(v0, v1))
+    before the same columns of the logits are written. The tiles are shared out over the
+    worker threads of ``tiles.run_shares``; each has its own partial d h when there are
+    several, added after the sweep in worker order."""
+    tiles = tile_ranges(call.student_head.weight.shape[0], call.vocab_tile)
+    solo = len(shares(tiles)) == 1
+    rows = None
+    if pending is not None and acc.hidden is not None:
+        rows = acc.hidden[pending.r0:pending.r0 + pending.grad.shape[0]]
+
+    def sweep(share):
+        part = rows if solo or rows is None else torch.zeros_like(rows)
+        for v0, v1 in share:
+            if pending is not None:
+                acc.add_tile(call, pending, v0, v1, part)
+            if chunk is not None:
+                chunk_logits(call, chunk, slice(v0, v1))
+        return part
+
+    parts = run_shares(sweep, tiles)
+    if rows is not None and not solo:
+        for part in parts:
+            rows.add_(part)
+    if pending is not None:  # every tile's d W products are in: later ones add to them
+        acc.weight_beta = 1.0
 
 
 def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
