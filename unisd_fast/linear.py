@@ -15,6 +15,7 @@ from .losses import UniSDOutput, unisd_loss
 from .ops.head import LinearHead
 from .ops.linear_op import linear_loss_call
 from .validation import check_config, validate_linear_inputs
+from .vocab_parallel import local_heads
 
 CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
 CHUNK_BYTES_OTHER = 64 << 20
@@ -60,6 +61,7 @@ def unisd_linear_loss(
     num_items_in_batch=None,
     impl="auto",
     chunk_bytes: int | None = None,
+    vocab_parallel=None,
 ) -> UniSDOutput:
     """The UniSD loss of the logits ``f(h W^T + b)`` of student and teacher heads, computed
     chunk by chunk without materialising them (docs/api.md).
@@ -71,14 +73,22 @@ def unisd_linear_loss(
     list, or view_logprobs (K, B, T); negative_hidden (B, T, Ht) or negative_logprobs (B, T):
     scored with the teacher head. f: ``x * logit_scale``, then ``logit_softcap * tanh(x /
     cap)`` (``LinearHead``). chunk_bytes: logits bytes per chunk (default
-    ``default_chunk_bytes``).
+    ``default_chunk_bytes``). vocab_parallel: a process group (or ``VocabParallel``) over
+    whose ranks the heads are split by vocabulary rows, each rank passing its shard; DTensor
+    heads sharded on dim 0 are split over their mesh without it (``vocab_parallel.py``).
     """
     cfg = check_config(config)
+    heads = local_heads(vocab_parallel, student_weight, teacher_weight, student_bias,
+                        teacher_bias)
+    student_weight, teacher_weight = heads.student_weight, heads.teacher_weight
+    student_bias, teacher_bias = heads.student_bias, heads.teacher_bias
     views, softcap, scale = validate_linear_inputs(
         cfg, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias, view_hidden, view_logprobs, negative_hidden,
         negative_logprobs, logit_softcap, logit_scale, num_items_in_batch, chunk_bytes)
     which = resolve_impl(impl, student_hidden.device)
+    if which == "reference" and heads.group_name is not None:
+        raise ValueError("impl='reference' takes whole heads, not vocab_parallel shards")
     if which == "reference":
         return _reference(cfg, LinearHead(student_weight, student_bias, softcap, scale),
                           LinearHead(teacher_weight, teacher_bias, softcap, scale),
@@ -108,7 +118,8 @@ def unisd_linear_loss(
         weight_grad=grad_on and student_weight.requires_grad,
         bias_grad=grad_on and student_bias is not None and student_bias.requires_grad,
         shared_bias=student_bias is not None and teacher_bias is student_bias,
-        chunk_bytes=chunk_bytes or default_chunk_bytes(student_hidden.device), config=cfg)
+        chunk_bytes=chunk_bytes or default_chunk_bytes(student_hidden.device),
+        vocab_group=heads.group_name, vocab_size=heads.vocab_size, config=cfg)
     return UniSDOutput(out.loss, *(p.detach() for p in out[1:7]))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends.protocol import RowBackend, RowStats
+from ..backends.shards.combine import VocabShards
 from ..config import UniSDConfig
 from . import coefficients as co
 from .coefficients import Coefficients, combine
@@ -31,7 +32,9 @@ class LinearCall:
     student head (same weight and bias tensors), so the student and teacher rows of a chunk
     go through one GEMM. ``grads``: which of d hidden, d weight, d bias to compute.
     ``vocab_tile``: head rows per tile of the tiled schedule (``run_chunks``), None for
-    whole-head GEMMs.
+    whole-head GEMMs. ``shards``: the heads are this rank's vocabulary shard of a head split
+    over a group (their rows, labels in full-vocab ids), whose row stats, label log-probs
+    and d hidden are combined over it; None for a whole head.
     """
 
     backend: RowBackend
@@ -45,6 +48,7 @@ class LinearCall:
     chunk_bytes: int
     grads: tuple[bool, bool, bool]
     vocab_tile: int | None = None
+    shards: VocabShards | None = None
 
 
 @dataclass
@@ -111,7 +115,7 @@ def _online_lse(call: LinearCall, h, y, tau, share):
 def label_logprobs_tiled(call: LinearCall, h, y, tau):
     V = call.teacher_head.weight.shape[0]
     parts = run_shares(lambda share: _online_lse(call, h, y, tau, share),
-                       tile_ranges(V, call.vocab_tile))
+                       tile_ranges(V, call.vocab_tile or V))
     m = functools.reduce(torch.maximum, [p[0] for p in parts])
     shift = torch.where(m.isfinite(), m, 0.0)
     total = sum(p[2] * torch.exp(p[1] - shift).double() for p in parts)
@@ -119,6 +123,9 @@ def label_logprobs_tiled(call: LinearCall, h, y, tau):
     for p in parts[1:]:
         label = torch.where(p[4], p[3], label)
     lse = shift.double() + total.log()
+    if call.shards is not None:
+        holds = functools.reduce(torch.logical_or, [p[4] for p in parts])
+        return call.shards.label_logprobs(lse, label, holds)
     return torch.where(lse.isfinite(), label.double() - lse, float("nan")).float()
 
 
@@ -127,9 +134,10 @@ def score_rows_tiled(call: LinearCall, index: torch.Tensor, groups):
     the head tiles (in blocks of rows whose tile logits, and their exponentials, fit
     ``chunk_bytes``), so the head is read once for all of them."""
     tensors = [(x, tau) for xs, tau in groups for x in xs]
-    n_rows, labels = index.shape[0], call.labels[index]
+    n_rows, labels = index.shape[0], row_labels(call, index)
     lp = torch.empty(len(tensors), n_rows, dtype=torch.float32, device=index.device)
-    block = max(1, call.chunk_bytes // (8 * call.vocab_tile * len(tensors)))
+    tile = call.vocab_tile or call.shards.layout.widest
+    block = max(1, call.chunk_bytes // (8 * tile * len(tensors)))
     for r0 in range(0, n_rows, block):
         idx, y = index[r0:r0 + block], labels[r0:r0 + block]
         h = torch.cat([x.index_select(0, idx) for x, _ in tensors])
@@ -144,7 +152,7 @@ def score_rows(call: LinearCall, index: torch.Tensor, groups):
     """Label log-probs through the teacher head of the rows ``index`` of the (N, Ht) tensors
     in ``groups`` [(list of tensors, tau)]: one GEMM per chunk over every tensor of every
     group, then one label pass per group. Returns a float32 (P_g, len(index)) per group."""
-    if call.vocab_tile is not None:
+    if call.vocab_tile is not None or call.shards is not None:
         return score_rows_tiled(call, index, groups)
     head, V = call.teacher_head, call.teacher_head.weight.shape[0]
     tensors = [x for xs, _ in groups for x in xs]
@@ -168,6 +176,24 @@ def score_rows(call: LinearCall, index: torch.Tensor, groups):
             out[:, r0:r1] = lp.view(len(xs), n)
             first += len(xs)
     return outs
+
+
+def row_labels(call: LinearCall, index: torch.Tensor) -> torch.Tensor:
+    """The labels of the rows ``index``, in ids of this rank's shard where the head is one."""
+    labels = call.labels[index]
+    return labels if call.shards is None else call.shards.local_labels(labels)
+
+
+def chunk_stats(call: LinearCall, z, u, y) -> RowStats:
+    """The row stats of a chunk's logits: the backend's, or over a split head those of the
+    whole vocabulary, combined over the group."""
+    cfg = call.config
+    z, u, y = z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1)
+    if call.shards is not None:
+        return call.shards.row_stats(call.backend, z, u, y, divergence=cfg.divergence,
+                                     tau=cfg.temperature, alpha=cfg.jsd_alpha)
+    return call.backend.row_stats(z, u, y, divergence=cfg.divergence, tau=cfg.temperature,
+                                  alpha=cfg.jsd_alpha, ignore_index=cfg.ignore_index)
 
 
 def chunk_grad(call: LinearCall, z, u, y, stats: RowStats, rows: co.RowCoefficients):
@@ -341,13 +367,14 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
     chunk instead of two or three times."""
     cfg, V = call.config, call.student_head.weight.shape[0]
     tiled = call.vocab_tile is not None and acc is not None
-    ranges = chunk_ranges(index.shape[0], 2, V, call.student_head.weight.element_size(),
+    widest = V if call.shards is None else call.shards.layout.widest
+    ranges = chunk_ranges(index.shape[0], 2, widest, call.student_head.weight.element_size(),
                           call.chunk_bytes)
     if not ranges:
         return
     buf = torch.empty((2 * ranges[0][1], V), dtype=call.student_head.weight.dtype,
                       device=index.device)
-    labels = call.labels[index]
+    labels = row_labels(call, index)
     everywhere = torch.ones_like(labels, dtype=torch.bool)
     pending = None
     for r0, r1 in ranges:
@@ -361,9 +388,7 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
             chunk_logits(call, chunk)
         z, u = chunk.logits[:n], chunk.logits[n:]
         if with_stats:
-            st = call.backend.row_stats(z.unsqueeze(0), u.unsqueeze(0), y.view(1, -1),
-                                        divergence=cfg.divergence, tau=cfg.temperature,
-                                        alpha=cfg.jsd_alpha, ignore_index=cfg.ignore_index)
+            st = chunk_stats(call, z, u, y)
             stats[:, r0:r1] = torch.stack(st).view(N_STATS, -1)
         if acc is None:
             continue
@@ -433,6 +458,8 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
         return LinearResult(terms, None, None, None)
     grad_h = None
     if acc.hidden is not None:
+        if call.shards is not None:
+            call.shards.sum_(acc.hidden)
         grad_h = scatter_rows(acc.hidden, index, N, dim=0).view(student_hidden.shape)
         if terms.hidden_grad is not None:
             grad_h.add_(terms.hidden_grad)

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 
 from ..backends.choice import backend_named
+from ..backends.shards.combine import VocabShards
+from ..backends.shards.layout import gather_layout
 from ..config import UniSDConfig
 from .checks import check_labels, check_num_items_value
 from .head import LinearHead
@@ -28,7 +30,10 @@ class LinearOpArgs:
     """The operator's arguments. ``teacher_weight`` None: the student's (a shared head);
     ``shared_bias``: the teacher's bias is the student's. ``num_items_tensor`` or
     ``num_items``: a tensor or a number ``num_items_in_batch``. ``backend``: a name of
-    ``backends.choice.resolve_impl``. ``*_grad``: which gradients to compute."""
+    ``backends.choice.resolve_impl``. ``*_grad``: which gradients to compute.
+    ``vocab_group``: the name of the process group over which the heads are split by
+    vocabulary rows (this rank's rows given), None for whole heads; ``vocab_size``: the
+    whole vocabulary the shards must add up to, None to take their sum."""
 
     student_hidden: torch.Tensor
     student_weight: torch.Tensor
@@ -51,6 +56,8 @@ class LinearOpArgs:
     bias_grad: bool
     shared_bias: bool
     chunk_bytes: int
+    vocab_group: str | None
+    vocab_size: int | None
     config: UniSDConfig
 
 
@@ -82,7 +89,14 @@ def _arguments(args) -> LinearOpArgs:
 def linear_loss_op(*args):
     a = _arguments(args)
     cfg, hs, ht = a.config, a.student_hidden, a.teacher_hidden
-    check_labels(a.labels, a.student_weight.shape[0], cfg.ignore_index)
+    shards = None
+    if a.vocab_group is not None:
+        group = torch.distributed.distributed_c10d._resolve_process_group(a.vocab_group)
+        layout = gather_layout(a.student_weight.shape[0], a.chunk_bytes, group, hs.device,
+                               a.vocab_size)
+        shards = VocabShards(group, layout)
+    check_labels(a.labels, a.student_weight.shape[0] if shards is None else shards.layout.full,
+                 cfg.ignore_index)
     if a.num_items_tensor is not None:
         check_num_items_value(a.num_items_tensor)
     backend = backend_named(a.backend)
@@ -97,9 +111,10 @@ def linear_loss_op(*args):
         backend=backend, config=cfg, student_head=student, teacher_head=teacher,
         shared=a.teacher_weight is None and (a.shared_bias or no_biases),
         student_rows=hs.reshape(N, H), teacher_rows=ht.reshape(N, ht.shape[-1]),
-        labels=a.labels.reshape(N), chunk_bytes=a.chunk_bytes,
+        labels=a.labels.reshape(N),
+        chunk_bytes=a.chunk_bytes if shards is None else shards.layout.chunk_bytes,
         grads=(a.hidden_grad, a.weight_grad, a.bias_grad),
-        vocab_tile=backend.vocab_tile(hs.device))
+        vocab_tile=backend.vocab_tile(hs.device), shards=shards)
     negative = a.negative_hidden
     with torch.no_grad():
         result = linear_loss(
