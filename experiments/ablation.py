@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate with LoRA")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per step")
     p.add_argument("--base-seed", type=int, default=42, help="seed of the shared base model")
-    p.add_argument("--pretrain-steps", type=int, default=facts.PretrainConfig.steps,
-                   help="pre-training steps of the shared base")
+    p.add_argument("--pretrain-max-steps", type=int, default=facts.PretrainConfig.max_steps,
+                   help="cap on the shared base's pre-training (it stops once the base copies "
+                   "held-out references)")
     p.add_argument("--wrong-frac", type=float, default=0.25,
                    help="'wrong' variant: fraction of facts whose teacher reads a wrong code")
     p.add_argument("--view-noise", type=float, default=0.25,
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    pretrain = facts.PretrainConfig(seed=args.base_seed, steps=args.pretrain_steps)
+    pretrain = facts.PretrainConfig(seed=args.base_seed, max_steps=args.pretrain_max_steps)
     base = str(facts.pretrained_base(Path(args.work_dir), pretrain))
     wrong = Unreliability(
         wrong_frac=args.wrong_frac,

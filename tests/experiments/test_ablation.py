@@ -131,7 +131,7 @@ def test_harness_end_to_end_and_resume(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--output", str(out), "--work-dir", str(work), "--methods",
             "sd,agreement/agreement_gamma=1", "--variants", "wrong", "--modes", "full,lora",
-            "--seeds", "0", "--steps", "1", "--batch-size", "4", "--pretrain-steps", "2",
+            "--seeds", "0", "--steps", "1", "--batch-size", "4", "--pretrain-max-steps", "2",
             "--workers", "0"]
     assert ablation.main(argv) == 0
     with (out / "records.csv").open() as f:

@@ -13,7 +13,14 @@ from unisd_fast.train.tasks import Example, facts
 pytest.importorskip("peft")
 
 SMALL_BASE = facts.PretrainConfig(
-    hidden_size=32, num_layers=1, steps=3, batch_size=8, warmup_steps=1, num_facts=8
+    hidden_size=32,
+    num_layers=1,
+    max_steps=3,
+    check_every=3,
+    batch_size=8,
+    warmup_steps=1,
+    num_facts=8,
+    num_heldout=8,
 )
 
 
@@ -59,7 +66,8 @@ def test_pretraining_corpus_avoids_the_facts_and_teaches_copying():
 def test_pretrained_base_is_cached_and_reloads_offline(tmp_path, monkeypatch):
     folder = facts.pretrained_base(tmp_path, SMALL_BASE)
     record = json.loads((folder / facts.PRETRAIN_RECORD).read_text())
-    assert record["config"]["steps"] == 3 and 0 <= record["copy"] <= 1
+    assert record["config"]["max_steps"] == 3 and 0 <= record["copy"] <= 1
+    assert record["steps"] == 3 and record["checks"][-1][0] == 3
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached base should be reused")
@@ -67,8 +75,8 @@ def test_pretrained_base_is_cached_and_reloads_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(facts, "pretrain_model", no_training)
     assert facts.pretrained_base(tmp_path, SMALL_BASE) == folder
     monkeypatch.undo()
-    facts.pretrained_base(tmp_path, facts.PretrainConfig(**{**record["config"], "steps": 2}))
-    assert json.loads((folder / facts.PRETRAIN_RECORD).read_text())["config"]["steps"] == 2
+    facts.pretrained_base(tmp_path, facts.PretrainConfig(**{**record["config"], "max_steps": 2}))
+    assert json.loads((folder / facts.PRETRAIN_RECORD).read_text())["steps"] == 2
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)

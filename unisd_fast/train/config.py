@@ -159,6 +159,9 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps; 0 = --epochs over the training set")
     epochs: float = _f(1.0, "epochs when --max-steps is 0")
     seed: int = _f(42, "seed of the model init, data order, views and sampling")
+    deterministic: bool = _f(
+        False, "torch.use_deterministic_algorithms for the run, pre-training included"
+    )
     max_bad_steps: int = _f(
         10, "stop after this many consecutive steps skipped for a non-finite loss or gradient"
     )

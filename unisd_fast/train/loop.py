@@ -96,6 +96,21 @@ def cpu_threads(cfg: TrainConfig):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(cfg: TrainConfig):
+    """``torch.use_deterministic_algorithms(True)`` for the block when ``cfg.deterministic``
+    (on CUDA, cuBLAS then needs CUBLAS_WORKSPACE_CONFIG, set here unless given, before
+    cuBLAS starts); the previous setting after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
     """Train as ``cfg`` says and return a summary: ``output_dir``, ``step``, ``train`` (the
     last step's metrics), ``first_eval`` and ``eval`` (first and last evaluation records),
@@ -113,7 +128,7 @@ def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
     check_environment(cfg)
     par = distributed.setup(cfg.parallel, resolve_device(cfg))
     try:
-        with output_dir_lock(cfg.output_dir), cpu_threads(cfg):
+        with output_dir_lock(cfg.output_dir), cpu_threads(cfg), deterministic_algorithms(cfg):
             return _prepared_run(cfg, task, sampler, par, started)
     finally:
         distributed.teardown(par)

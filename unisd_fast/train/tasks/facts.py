@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import string
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ TEMPLATES = PromptTemplates(
 )
 BASE_FOLDER = "base_model"
 PRETRAIN_RECORD = "pretrain.json"
+
 
 def random_key(rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(KEY_LENGTH))
@@ -117,17 +117,70 @@ def pretraining_pair(rng: random.Random, exclude: set[str]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """The base model and its pre-training; a cached base is reused only when equal."""
+    """The base model and its pre-training; a cached base is reused only when equal.
+
+    Pre-training runs until the base copies held-out references: every ``check_every`` steps
+    its greedy copying accuracy on ``num_heldout`` references of keys that neither the corpus
+    nor the facts use is measured, and it stops once ``checks_in_a_row`` consecutive checks
+    reach ``target_copy`` (:class:`CopyingStop`), at ``max_steps`` at the latest (warmup, then
+    a constant learning rate: the stop, not a schedule, ends it)."""
 
     arch: str = "llama"
     hidden_size: int = 128
     num_layers: int = 2
-    steps: int = 1000
+    max_steps: int = 4000
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 50
+    check_every: int = 100
+    target_copy: float = 0.99
+    checks_in_a_row: int = 2
+    num_heldout: int = 256
     seed: int = 42
     num_facts: int = NUM_FACTS
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "check_every", "checks_in_a_row", "num_heldout"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PretrainConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.target_copy <= 1.0:
+            raise ValueError(
+                f"PretrainConfig.target_copy must be in [0, 1], got {self.target_copy!r}"
+            )
+
+
+@dataclass
+class CopyingStop:
+    """The stopping rule of pre-training: stop once the held-out copying accuracy reached
+    ``target`` at ``in_a_row`` consecutive checks. ``checks`` holds every (step, accuracy)."""
+
+    target: float
+    in_a_row: int
+    checks: list[tuple[int, float]] = field(default_factory=list)
+
+    def update(self, step: int, accuracy: float) -> bool:
+        """Record the check at ``step``; True when pre-training should stop."""
+        self.checks.append((step, accuracy))
+        return self.reached
+
+    @property
+    def reached(self) -> bool:
+        """The last ``in_a_row`` checks all reached ``target``."""
+        recent = self.checks[-self.in_a_row :]
+        return len(recent) == self.in_a_row and all(a >= self.target for _, a in recent)
+
+
+def heldout_references(cfg: PretrainConfig) -> list[Example]:
+    """``cfg.num_heldout`` facts whose keys are not the self-distillation facts' keys: the
+    references on which pre-training measures copying (the corpus never draws these keys)."""
+    facts = {k for k, _ in make_facts(cfg.num_facts, cfg.seed)}
+    rng = random.Random(f"heldout-{cfg.seed}")
+    keys: dict[str, str] = {}
+    while len(keys) < cfg.num_heldout:
+        if (key := random_key(rng)) not in facts:
+            keys.setdefault(key, random_code(rng))
+    return [Example(prompt=prompt_of(k), demonstration=c) for k, c in keys.items()]
 
 
 def batch_tensors(pairs, tokenizer):
@@ -148,7 +201,9 @@ def batch_tensors(pairs, tokenizer):
 
 
 def pretrain_model(cfg: PretrainConfig, progress=None):
-    """(tokenizer, model) pre-trained on the corpus of :func:`pretraining_pair`."""
+    """(tokenizer, model, stop): the base pre-trained on the corpus of
+    :func:`pretraining_pair` until ``stop`` (a :class:`CopyingStop`, with its checks) says so
+    or ``cfg.max_steps``; ``progress(step, loss, copy)`` is called at each check."""
     tokenizer = build_tokenizer()
     model = build_tiny_model(
         tokenizer,
@@ -157,19 +212,17 @@ def pretrain_model(cfg: PretrainConfig, progress=None):
         num_layers=cfg.num_layers,
         seed=cfg.seed,
     )
+    heldout = heldout_references(cfg)
     exclude = {k for k, _ in make_facts(cfg.num_facts, cfg.seed)}
+    exclude |= {ex.prompt[:-1] for ex in heldout}
     rng = random.Random(f"pretrain-{cfg.seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    def factor(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    model.train()
-    for step in range(cfg.steps):
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / cfg.warmup_steps)
+    )
+    stop = CopyingStop(cfg.target_copy, cfg.checks_in_a_row)
+    for step in range(1, cfg.max_steps + 1):
+        model.train()
         ids, attn, labels = batch_tensors(
             [pretraining_pair(rng, exclude) for _ in range(cfg.batch_size)], tokenizer
         )
@@ -179,51 +232,85 @@ def pretrain_model(cfg: PretrainConfig, progress=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        if progress is not None:
-            progress(step + 1, loss.item())
-    return tokenizer, model.eval()
+        if step % cfg.check_every == 0 or step == cfg.max_steps:
+            copy = greedy_accuracy(model.eval(), tokenizer, heldout, reference=True)
+            if progress is not None:
+                progress(step, loss.item(), copy)
+            if stop.update(step, copy):
+                break
+    return tokenizer, model.eval(), stop
 
 
 def pretrained_base(output_dir, cfg: PretrainConfig) -> Path:
     """The pre-trained base model folder under ``output_dir``: reused when its recorded
-    PretrainConfig equals ``cfg``, else (re)built and written atomically."""
+    PretrainConfig equals ``cfg``, else (re)built and written atomically. Its record holds
+    the steps taken, every held-out copying check and whether the stop was reached."""
     folder = Path(output_dir) / BASE_FOLDER
     record = folder / PRETRAIN_RECORD
-    if record.is_file() and json.loads(record.read_text())["config"] == asdict(cfg):
-        log.info("using the cached pre-trained base model %s", folder)
-        return folder
-    log.info("pre-training the base model (%d steps, once; cached in %s)", cfg.steps, folder)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["config"] == asdict(cfg):
+            log.info("using the cached pre-trained base model %s", folder)
+            if not saved["reached"]:
+                warn_unreached(cfg, saved["checks"])
+            return folder
+    log.info(
+        "pre-training the base model until it copies %.0f%% of %d held-out references at %d "
+        "checks in a row (every %d steps, at most %d steps; once, cached in %s)",
+        100 * cfg.target_copy,
+        cfg.num_heldout,
+        cfg.checks_in_a_row,
+        cfg.check_every,
+        cfg.max_steps,
+        folder,
+    )
     started = time.perf_counter()
 
-    def progress(step, loss):
-        if step % 100 == 0 or step == cfg.steps:
-            log.info("pre-training step %d/%d: loss %.4f", step, cfg.steps, loss)
+    def progress(step, loss, copy):
+        log.info("pre-training step %d: loss %.4f, held-out copying %.1f%%", step, loss, 100 * copy)
 
-    tokenizer, model = pretrain_model(cfg, progress)
+    tokenizer, model, stop = pretrain_model(cfg, progress)
+    steps, reached = stop.checks[-1][0], stop.reached
+    if not reached:
+        warn_unreached(cfg, stop.checks)
     task = facts_task(cfg.seed, cfg.num_facts)
     check = {
         "recall": greedy_accuracy(model, tokenizer, task.train, reference=False),
         "copy": greedy_accuracy(model, tokenizer, task.train, reference=True),
     }
     log.info(
-        "base model on the self-distillation facts: %.0f%% without reference, %.0f%% copying "
-        "the reference",
+        "base model after %d steps, on the self-distillation facts: %.1f%% without reference, "
+        "%.1f%% copying the reference",
+        steps,
         100 * check["recall"],
         100 * check["copy"],
     )
-    if check["copy"] < 0.9:
-        log.warning("the base model copies the reference poorly: the teacher will teach little")
     tmp = folder.with_name(f".tmp-{BASE_FOLDER}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     seconds = time.perf_counter() - started
-    record_text = json.dumps({"config": asdict(cfg), "seconds": seconds, **check})
-    (tmp / PRETRAIN_RECORD).write_text(record_text)
+    result = {"steps": steps, "reached": reached, "checks": stop.checks, **check}
+    (tmp / PRETRAIN_RECORD).write_text(
+        json.dumps({"config": asdict(cfg), "seconds": seconds, **result})
+    )
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     log.info("pre-training took %.1f s", seconds)
     return folder
+
+
+def warn_unreached(cfg: PretrainConfig, checks) -> None:
+    step, copy = checks[-1]
+    log.warning(
+        "pre-training stopped at its cap of %d steps with held-out copying at %.1f%%, short of "
+        "%.0f%% at %d checks in a row: the teacher will copy the references poorly and the "
+        "student cannot exceed it (raise PretrainConfig.max_steps)",
+        step,
+        100 * copy,
+        100 * cfg.target_copy,
+        cfg.checks_in_a_row,
+    )
 
 
 @torch.no_grad()

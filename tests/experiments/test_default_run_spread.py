@@ -1,0 +1,85 @@
+"""The default run's spread harness: its plan, its commands, its table and its resumption."""
+
+import json
+
+from experiments import default_run_spread as spread
+from experiments.default_run_spread import Job
+
+
+def test_plan_runs_every_seed_then_the_variants_once_each():
+    jobs = spread.plan([0, 1, 42], 2, [42, 0], [1, 2, 4])
+    assert jobs[:3] == [Job(0, 2, False), Job(1, 2, False), Job(42, 2, False)]
+    assert jobs[3:] == [
+        Job(42, 1, False),
+        Job(42, 4, False),
+        Job(42, 2, True),
+        Job(0, 1, False),
+        Job(0, 4, False),
+        Job(0, 2, True),
+    ]
+
+
+def test_command_is_the_default_run_with_its_seed_folder_and_flag(tmp_path):
+    cmd = spread.command(Job(3, 4, True), tmp_path)
+    assert cmd[1:] == [
+        "-m",
+        "unisd_fast.train",
+        "--overwrite",
+        "--no-progress",
+        "--seed",
+        "3",
+        "--output-dir",
+        str(tmp_path / "seed3-t4-det"),
+        "--deterministic",
+    ]
+    assert "--deterministic" not in spread.command(Job(3, 4, False), tmp_path)
+
+
+def record(seed, threads, det, student, teacher, steps):
+    return {
+        "seed": seed,
+        "threads": threads,
+        "deterministic": det,
+        "student": student,
+        "teacher": teacher,
+        "retention_ppl": 2.0 + seed,
+        "kl_base": 0.5,
+        "pretrain_steps": steps,
+        "pretrain_reached": steps < 4000,
+        "pretrain_s": 30.0,
+        "wall_s": 100.0 + seed,
+        "load_before": 1.0,
+        "load_after": 2.0,
+    }
+
+
+def test_table_has_a_row_per_run_and_the_spread_over_all():
+    records = [
+        record(0, 2, False, 0.875, 0.953125, 300),
+        record(1, 2, False, 1.0, 1.0, 200),
+        record(2, 4, True, 0.96875, 1.0, 4000),
+    ]
+    text = spread.spread_table(records, "unisd-train")
+    assert "| seed2-t4-det | 2 | 4 | on | 96.9% | 100.0% |" in text
+    assert "| student | 87.5% | 96.9% | 100.0% |" in text
+    assert "| teacher | 95.3% | 100.0% | 100.0% |" in text
+    assert "| pre-train steps | 200 | 300 | 4000 |" in text
+    assert "missed its copying target on 1 run(s)" in text
+
+
+def test_main_resumes_from_the_recorded_runs(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.jsonl").write_text(json.dumps(record(0, 2, False, 1.0, 1.0, 200)) + "\n")
+    ran = []
+
+    def fake_run(job, work_dir):
+        ran.append(job)
+        return record(job.seed, job.threads, job.deterministic, 0.5, 1.0, 300)
+
+    monkeypatch.setattr(spread, "run_job", fake_run)
+    args = ["--output", str(out), "--seeds", "0,1", "--variant-seeds", "1"]
+    assert spread.main([*args, "--variant-threads", "1"]) == 0
+    assert ran == [Job(1, 2, False), Job(1, 1, False), Job(1, 2, True)]
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "| seed1-t2-det |" in (out / "spread.md").read_text()
