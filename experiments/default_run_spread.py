@@ -3,12 +3,12 @@ seeds, intra-op thread counts and ``--deterministic`` (docs/ablations.md, "The d
 
 ``python -m experiments.default_run_spread`` (from the repository root) runs each planned
 (seed, threads, deterministic) job as ``python -m unisd_fast.train --overwrite --no-progress
---seed S --output-dir <work-dir>/<run>`` with ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` set to
-the thread count, the pre-training of the base included (each run builds its own). Each run's
-record (student and teacher accuracy, retention perplexity and KL, the base's pre-training
-steps and seconds, wall time and the load average before and after) is appended to
-``runs.jsonl`` as it finishes; an interrupted spread resumes from it. ``spread.md`` holds one
-row per run and the min / median / max over all of them.
+--seed S --output-dir <work-dir>/<run>`` in an emptied folder, with ``OMP_NUM_THREADS`` and
+``MKL_NUM_THREADS`` set to the thread count: the base's pre-training is part of every run.
+Each run's record (student and teacher accuracy, retention perplexity and KL, the base's
+pre-training steps and seconds, wall time and the load average before and after) is
+appended to ``runs.jsonl`` as it finishes; an interrupted spread resumes from it.
+``spread.md`` holds one row per run and the min / median / max over all of them.
 
 The plan: every ``--seeds`` at ``--threads`` (2), then the ``--variant-seeds`` at each of
 ``--variant-threads`` and, at ``--threads``, with ``--deterministic``.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def command(job: Job, work_dir: Path) -> list[str]:
 
 
 def run_job(job: Job, work_dir: Path) -> dict:
-    """One default run in a fresh process; its record."""
+    """One default run in a fresh process and an empty folder (no cached base); its record."""
+    shutil.rmtree(work_dir / job.name, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads)}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

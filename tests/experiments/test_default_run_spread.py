@@ -83,3 +83,27 @@ def test_main_resumes_from_the_recorded_runs(tmp_path, monkeypatch):
     assert ran == [Job(1, 2, False), Job(1, 1, False), Job(1, 2, True)]
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "| seed1-t2-det |" in (out / "spread.md").read_text()
+
+
+def test_run_job_starts_from_an_empty_folder_with_its_thread_count(tmp_path, monkeypatch):
+    job = Job(5, 4, False)
+    folder = tmp_path / job.name
+    (folder / "base_model").mkdir(parents=True)
+    (folder / "base_model" / "stale").write_text("a cached base from an earlier spread")
+    seen = {}
+
+    def fake_run(cmd, env, capture_output, text):
+        seen.update(cmd=cmd, threads=(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]))
+        seen["fresh"] = not folder.exists()
+        (folder / "base_model").mkdir(parents=True)
+        pretrain = {"steps": 300, "reached": True, "seconds": 40.0, "copy": 1.0}
+        (folder / "base_model" / "pretrain.json").write_text(json.dumps(pretrain))
+        evals = {"accuracy": 0.75, "teacher_accuracy": 1.0, "retention_ppl": 3.0, "kl_base": 1.0}
+        summary = {"step": 400, "eval": evals, "first_eval": {**evals, "accuracy": 0.0}}
+        return spread.subprocess.CompletedProcess(cmd, 0, json.dumps(summary), "")
+
+    monkeypatch.setattr(spread.subprocess, "run", fake_run)
+    got = spread.run_job(job, tmp_path)
+    assert seen["fresh"] and seen["threads"] == ("4", "4") and seen["cmd"][-1] == str(folder)
+    assert (got["student"], got["teacher"], got["student_before"]) == (0.75, 1.0, 0.0)
+    assert (got["pretrain_steps"], got["steps"], got["seed"], got["threads"]) == (300, 400, 5, 4)
