@@ -19,6 +19,12 @@ IMPLS = ("auto", "triton", "torch", "reference")
 # Lower bounds of the token agreement scale s and of the sequence agreement weight w_b.
 AGREEMENT_SCALE_FLOOR = 1e-6
 SEQUENCE_WEIGHT_FLOOR = 1e-6
+# Least tail-bucket mass of a sparse support: the captured log-mass log P is clamped at
+# -1e-7 before the tail log(1 - P) is formed (as TRL's add_tail_bucket), so the tail's
+# log-probability stays finite when the support holds all the mass.
+TAIL_LOG_MASS_CAP = -1e-7
+# A given teacher support may hold this much more than probability 1 (rounding).
+SUPPORT_MASS_SLACK = 1e-4
 
 PRESETS: dict[str, dict] = {
     "sd": {},
@@ -73,6 +79,12 @@ class UniSDConfig:
     kd_weight: weight of the divergence term (0 gives representation matching only).
     normalize: "sequence" (per-sequence masked means, then mean over sequences) or "token".
     ignore_index: label value of positions that take no part in the loss.
+    topk: the divergence over the student's top-k tokens only (TRL's ``topk_logits``), the
+        teacher's log-probs taken at those indices; None: the full vocabulary. A support
+        given as indices and teacher log-probs (``unisd_loss(teacher_indices=...)``) needs
+        topk None.
+    tail_bucket: on a sparse support, one extra category holding 1 - sum p on each side
+        (True), or each side renormalised over the support (False, TRL's default).
     """
 
     divergence: str = "fkl"
@@ -93,6 +105,8 @@ class UniSDConfig:
     kd_weight: float = 1.0
     normalize: str = "sequence"
     ignore_index: int = -100
+    topk: int | None = None
+    tail_bucket: bool = False
 
     def __post_init__(self) -> None:
         _choice("divergence", self.divergence, DIVERGENCES)
@@ -142,6 +156,12 @@ class UniSDConfig:
             raise TypeError(
                 f"UniSDConfig.ignore_index must be an int, got {type(self.ignore_index).__name__}"
             )
+        if self.topk is not None and (isinstance(self.topk, bool)
+                                      or not isinstance(self.topk, int) or self.topk < 1):
+            raise ValueError(f"UniSDConfig.topk must be an int >= 1 or None, got {self.topk!r}")
+        if not isinstance(self.tail_bucket, bool):
+            raise TypeError(f"UniSDConfig.tail_bucket must be a bool, got "
+                            f"{type(self.tail_bucket).__name__}")
         if self.kd_weight == 0 and self.contrastive_weight == 0 and self.feature_weight == 0:
             raise ValueError(
                 "UniSDConfig: kd_weight, contrastive_weight and feature_weight are all 0; "

@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends.choice import check_impl, resolve_impl
+from .backends.choice import backend_named, check_impl, resolve_impl
 from .losses import UniSDOutput, unisd_loss
 from .ops.head import LinearHead
+from .ops.linear_chunks import LinearCall
 from .ops.linear_op import linear_loss_call
-from .validation import check_config, validate_linear_inputs
+from .ops.sparse import SparseTeacher
+from .ops.sparse_linear import SparseLinearFunction, sparse_linear_loss
+from .validation import Inputs, check_config, validate_linear_inputs, validate_support
 from .vocab_parallel import local_heads
 
 CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 256 << 20}
@@ -28,19 +31,22 @@ def default_chunk_bytes(device: torch.device) -> int:
 
 def _reference(cfg, student: LinearHead, teacher: LinearHead, student_hidden, teacher_hidden,
                labels, views, view_logprobs, negative_hidden, negative_logprobs,
-               num_items_in_batch) -> UniSDOutput:
+               num_items_in_batch, support) -> UniSDOutput:
     """impl="reference": materialise every logits tensor (differentiably for the student)
-    and call the eager reference of ``unisd_loss``."""
+    and call the eager reference of ``unisd_loss``. ``support``: the given sparse support's
+    keyword arguments of unisd_loss (teacher logits then not scored)."""
     z = student.logits(student_hidden)
     with torch.no_grad():
         def scored(h):
             return None if h is None else teacher.logits(h)
         view_logits = None if views is None else [scored(v) for v in views]
-        u, negative_logits = scored(teacher_hidden), scored(negative_hidden)
+        u = None if support else scored(teacher_hidden)
+        negative_logits = scored(negative_hidden)
     return unisd_loss(z, u, labels, view_logits=view_logits, view_logprobs=view_logprobs,
                       negative_logits=negative_logits, negative_logprobs=negative_logprobs,
                       student_hidden=student_hidden, teacher_hidden=teacher_hidden,
-                      config=cfg, num_items_in_batch=num_items_in_batch, impl="reference")
+                      config=cfg, num_items_in_batch=num_items_in_batch, impl="reference",
+                      **support)
 
 
 def unisd_linear_loss(
@@ -62,6 +68,9 @@ def unisd_linear_loss(
     impl="auto",
     chunk_bytes: int | None = None,
     vocab_parallel=None,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    teacher_label_logprobs: torch.Tensor | None = None,
 ) -> UniSDOutput:
     """The UniSD loss of the logits ``f(h W^T + b)`` of student and teacher heads, computed
     chunk by chunk without materialising them (docs/api.md).
@@ -76,24 +85,47 @@ def unisd_linear_loss(
     ``default_chunk_bytes``). vocab_parallel: a process group (or ``VocabParallel``) over
     whose ranks the heads are split by vocabulary rows, each rank passing its shard; DTensor
     heads sharded on dim 0 are split over their mesh without it (``vocab_parallel.py``).
+    A sparse support as in ``unisd_loss``: ``config.topk``, or the given teacher_indices and
+    teacher_logprobs (B, T, k); teacher_hidden and teacher_weight may then be None (they
+    serve only feature matching and hidden-state views or negative); whole heads only.
     """
     cfg = check_config(config)
+    given = teacher_indices is not None
     heads = local_heads(vocab_parallel, student_weight, teacher_weight, student_bias,
                         teacher_bias)
     student_weight, teacher_weight = heads.student_weight, heads.teacher_weight
     student_bias, teacher_bias = heads.student_bias, heads.teacher_bias
+    if heads.group_name is not None and (given or cfg.topk is not None):
+        raise ValueError("a sparse support (config.topk or teacher_indices) needs whole "
+                         "heads, not vocab_parallel shards")
     views, softcap, scale = validate_linear_inputs(
         cfg, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias, view_hidden, view_logprobs, negative_hidden,
-        negative_logprobs, logit_softcap, logit_scale, num_items_in_batch, chunk_bytes)
+        negative_logprobs, logit_softcap, logit_scale, num_items_in_batch, chunk_bytes,
+        given_support=given)
+    k = validate_support(cfg, Inputs("student_hidden", student_hidden, "H"),
+                         student_weight.shape[0], labels, teacher_indices, teacher_logprobs,
+                         teacher_label_logprobs)
+    if given and teacher_weight is None:
+        teacher_weight = student_weight
+        teacher_bias = student_bias
     which = resolve_impl(impl, student_hidden.device)
     if which == "reference" and heads.group_name is not None:
         raise ValueError("impl='reference' takes whole heads, not vocab_parallel shards")
     if which == "reference":
+        support = {} if not given else {
+            "teacher_indices": teacher_indices, "teacher_logprobs": teacher_logprobs,
+            "teacher_label_logprobs": teacher_label_logprobs}
         return _reference(cfg, LinearHead(student_weight, student_bias, softcap, scale),
                           LinearHead(teacher_weight, teacher_bias, softcap, scale),
                           student_hidden, teacher_hidden, labels, views, view_logprobs,
-                          negative_hidden, negative_logprobs, num_items_in_batch)
+                          negative_hidden, negative_logprobs, num_items_in_batch, support)
+    if k is not None:
+        return _sparse(cfg, k, which, student_hidden, student_weight, student_bias,
+                       teacher_hidden, teacher_weight, teacher_bias, labels, views,
+                       view_logprobs, negative_hidden, negative_logprobs, softcap, scale,
+                       num_items_in_batch, chunk_bytes, teacher_indices, teacher_logprobs,
+                       teacher_label_logprobs)
     grad_on = torch.is_grad_enabled()
     shared = teacher_weight is student_weight
     if cfg.agreement == "none":
@@ -121,6 +153,47 @@ def unisd_linear_loss(
         chunk_bytes=chunk_bytes or default_chunk_bytes(student_hidden.device),
         vocab_group=heads.group_name, vocab_size=heads.vocab_size, config=cfg)
     return UniSDOutput(out.loss, *(p.detach() for p in out[1:7]))
+
+
+def _sparse(cfg, k, which, student_hidden, student_weight, student_bias, teacher_hidden,
+            teacher_weight, teacher_bias, labels, views, view_logprobs, negative_hidden,
+            negative_logprobs, softcap, scale, num_items_in_batch, chunk_bytes,
+            teacher_indices, teacher_logprobs, teacher_label_logprobs) -> UniSDOutput:
+    """The fused-linear loss on a sparse support (``ops.sparse_linear``)."""
+    backend = backend_named(which)
+    B, T, H = student_hidden.shape
+    N = B * T
+    grad_on = torch.is_grad_enabled()
+    flat = lambda x: None if x is None else x.detach().reshape(N, *x.shape[2:])
+    student = LinearHead(student_weight.detach(), None if student_bias is None
+                         else student_bias.detach(), softcap, scale)
+    teacher = LinearHead(teacher_weight.detach(), None if teacher_bias is None
+                         else teacher_bias.detach(), softcap, scale)
+    shared = teacher_weight is student_weight and teacher_bias is student_bias
+    th = student_hidden if teacher_hidden is None else teacher_hidden
+    call = LinearCall(
+        backend=backend, config=cfg, student_head=student, teacher_head=teacher,
+        shared=shared, student_rows=student_hidden.detach().reshape(N, H),
+        teacher_rows=th.detach().reshape(N, th.shape[-1]), labels=labels.reshape(N),
+        chunk_bytes=chunk_bytes or default_chunk_bytes(student_hidden.device),
+        grads=(grad_on and student_hidden.requires_grad,
+               grad_on and student_weight.requires_grad,
+               grad_on and student_bias is not None and student_bias.requires_grad),
+        vocab_tile=backend.vocab_tile(student_hidden.device))
+    support = SparseTeacher(k, None, flat(teacher_indices), flat(teacher_logprobs),
+                            flat(teacher_label_logprobs))
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.reshape(()).float()
+    detached = lambda x: None if x is None else x.detach()
+
+    def run():
+        return sparse_linear_loss(
+            call, support, (B, T), None if views is None else [flat(v) for v in views],
+            detached(view_logprobs), flat(negative_hidden), detached(negative_logprobs),
+            student_hidden.detach(), detached(teacher_hidden), num_items_in_batch)
+
+    outs = SparseLinearFunction.apply(student_hidden, student_weight, student_bias, run)
+    return UniSDOutput(*outs)
 
 
 class UniSDLinearLoss(nn.Module):

@@ -13,6 +13,7 @@ from .config import UniSDConfig
 from .ops import small
 from .ops.checks import check_labels
 from .ops.fused import unisd_fused
+from .ops.sparse import SparseTeacher, unisd_sparse
 from .reference import label_logprob, unisd_loss_reference
 from .validation import (
     Inputs,
@@ -20,6 +21,7 @@ from .validation import (
     check_positive,
     validate_inplace,
     validate_inputs,
+    validate_support,
 )
 
 
@@ -57,6 +59,9 @@ def unisd_loss(
     num_items_in_batch=None,
     impl="auto",
     inplace_backward: bool = False,
+    teacher_indices: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    teacher_label_logprobs: torch.Tensor | None = None,
 ) -> UniSDOutput:
     """The UniSD loss of docs/losses.md on (B, T, V) logits and (B, T) labels.
 
@@ -66,12 +71,20 @@ def unisd_loss(
     teacher_hidden (B, T, H): needed with feature_weight > 0. impl: one of ``IMPLS`` or a
     ``RowBackend`` (docs/api.md). inplace_backward=True writes the logits gradient into
     student_logits' own buffer (fused impls only; the logits are then overwritten).
+    A sparse support (docs/losses.md, "Sparse supports"): ``config.topk`` (the student's
+    top-k, teacher log-probs from teacher_logits), or teacher_logits None and the given
+    teacher_indices with teacher_logprobs (B, T, k), and teacher_label_logprobs (B, T) for
+    a contrastive term whose labels are not all in the support.
     """
     cfg = check_config(config)
     views = validate_inputs(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
+        given_support=teacher_indices is not None,
     )
+    k = validate_support(cfg, Inputs("student_logits", student_logits, "V"),
+                         student_logits.shape[-1], labels, teacher_indices, teacher_logprobs,
+                         teacher_label_logprobs)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.reshape(())
     if inplace_backward:
@@ -85,8 +98,19 @@ def unisd_loss(
             view_logprobs=view_logprobs, negative_logits=negative_logits,
             negative_logprobs=negative_logprobs, student_hidden=student_hidden,
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
+            teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+            teacher_label_logprobs=teacher_label_logprobs,
         )
         return UniSDOutput(**out)
+    if k is not None:
+        teacher = SparseTeacher(k, None if teacher_logits is None else teacher_logits.detach(),
+                                teacher_indices, teacher_logprobs, teacher_label_logprobs)
+        return UniSDOutput(*unisd_sparse(
+            student_logits, labels, backend=backend_named(which), config=cfg, teacher=teacher,
+            views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,
+            negative_logprobs=negative_logprobs, student_hidden=student_hidden,
+            teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
+            inplace_backward=inplace_backward))
     parts = unisd_fused(
         student_logits, teacher_logits, labels, backend=backend_named(which), config=cfg,
         views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,

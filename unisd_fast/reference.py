@@ -15,7 +15,7 @@ import math
 import torch
 
 from .backends.stable import jsd_remainder, shifted_kl
-from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR
+from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR, TAIL_LOG_MASS_CAP
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -34,8 +34,13 @@ def _xlogy_terms(p, diff):
 
 def textbook_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
     """D from the log-probabilities as docs/losses.md writes it."""
-    log_ps = torch.log_softmax(z / tau, dim=-1)
-    log_pt = torch.log_softmax(u / tau, dim=-1)
+    return category_divergence(torch.log_softmax(z / tau, dim=-1),
+                               torch.log_softmax(u / tau, dim=-1), kind, alpha)
+
+
+def category_divergence(log_ps, log_pt, kind: str, alpha: float = 0.5):
+    """D between two distributions given by their log-probabilities over the categories of
+    the last dimension, by the textbook formulas."""
     if kind == "fkl":
         return _xlogy_terms(log_pt.exp(), log_pt - log_ps).sum(-1)
     if kind == "rkl":
@@ -90,6 +95,45 @@ def stable_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
     kl_tm = (1 - alpha) * d_f - (p_t * jsd_remainder(-r, log_1ma, log_a)).sum(-1)
     kl_sm = alpha * d_r - (p_s * jsd_remainder(r, log_a, log_1ma)).sum(-1)
     return alpha * kl_tm + (1 - alpha) * kl_sm
+
+
+def student_topk(z, k: int):
+    """Indices of the k largest logits of each row; equal values go to the lower index."""
+    return torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def support_logprobs(lp, tail: bool):
+    """The categories of a sparse support from the log-probs ``lp`` (..., k) of its tokens:
+    with ``tail`` the k tokens and one bucket log(1 - P), P = sum exp(lp) (log P clamped at
+    TAIL_LOG_MASS_CAP), else the k tokens renormalised, lp - log P."""
+    log_mass = torch.logsumexp(lp, dim=-1, keepdim=True)
+    if not tail:
+        return lp - log_mass
+    log_mass = torch.clamp(log_mass, max=TAIL_LOG_MASS_CAP)
+    return torch.cat([lp, torch.log(-torch.expm1(log_mass))], dim=-1)
+
+
+def sparse_divergence(z, u, index, teacher_lp, cfg):
+    """Per-row D over a sparse support: the student's top ``cfg.topk`` (``index`` None; the
+    teacher's log-probs at them from ``u``) or the given ``index`` with the teacher's
+    log-probs ``teacher_lp``; the student's log-probs from its full log-sum-exp."""
+    tau = cfg.temperature
+    if index is None:
+        index = student_topk(z, cfg.topk)
+        teacher_lp = torch.log_softmax(u / tau, dim=-1).gather(-1, index)
+    student_lp = torch.log_softmax(z / tau, dim=-1).gather(-1, index)
+    return category_divergence(support_logprobs(student_lp, cfg.tail_bucket),
+                               support_logprobs(teacher_lp, cfg.tail_bucket),
+                               cfg.divergence, cfg.jsd_alpha)
+
+
+def given_label_logprob(labels, mask, index, teacher_lp, teacher_label_lp):
+    """The teacher's label log-probs of a given support: ``teacher_label_lp`` where given,
+    else the support's entry at the label (inputs checked to hold it); 0 on ignored rows."""
+    if teacher_label_lp is None:
+        at = index == labels.unsqueeze(-1)
+        teacher_label_lp = torch.where(at, teacher_lp, 0.0).sum(-1)
+    return torch.where(mask, teacher_label_lp, torch.zeros_like(teacher_label_lp))
 
 
 def label_logprob(x, labels, mask, tau: float):
@@ -178,24 +222,39 @@ def unisd_loss_reference(
     student_hidden=None,
     teacher_hidden=None,
     num_items_in_batch=None,
+    teacher_indices=None,
+    teacher_logprobs=None,
+    teacher_label_logprobs=None,
 ):
     """The whole UniSD loss; returns a dict of loss, its parts and per-token diagnostics.
 
     Inputs are assumed validated (see ``unisd_fast.losses``). Rows whose label is
     ``config.ignore_index`` are replaced by zeros before any arithmetic, so non-finite values
-    there never reach the loss or the gradient.
+    there never reach the loss or the gradient. A sparse support: ``config.topk``, or the
+    given ``teacher_indices`` and ``teacher_logprobs`` (B, T, k) with ``teacher_logits``
+    None (``sparse_divergence``).
     """
     cfg = config
-    dtype = compute_dtype(student_logits, teacher_logits, student_hidden)
+    dtype = compute_dtype(student_logits, teacher_logits, student_hidden, teacher_logprobs)
     mask = labels != cfg.ignore_index
     row_mask = mask.unsqueeze(-1)
     zero = torch.zeros((), dtype=dtype)
 
     z = torch.where(row_mask, student_logits.to(dtype), zero)
-    u = torch.where(row_mask, teacher_logits.to(dtype), zero).detach()
+    u = None if teacher_logits is None else \
+        torch.where(row_mask, teacher_logits.to(dtype), zero).detach()
     tau = cfg.temperature
 
-    d = divergence(z, u, cfg.divergence, tau, cfg.jsd_alpha)
+    if teacher_indices is not None:
+        k = teacher_indices.shape[-1]
+        index = torch.where(row_mask, teacher_indices.long(),
+                            torch.arange(k, device=z.device))
+        teacher_lp = torch.where(row_mask, teacher_logprobs.to(dtype), zero)
+        d = sparse_divergence(z, None, index, teacher_lp, cfg)
+    elif cfg.topk is not None:
+        d = sparse_divergence(z, u, None, None, cfg)
+    else:
+        d = divergence(z, u, cfg.divergence, tau, cfg.jsd_alpha)
     d = torch.where(mask, d, torch.zeros_like(d))
     c = clip_threshold(d, mask, cfg.clip, cfg.clip_quantile)
     clipped = mask & (d > c) if c is not None else torch.zeros_like(mask)
@@ -220,7 +279,11 @@ def unisd_loss_reference(
     contrastive = zero
     if cfg.contrastive_weight > 0:
         s = label_logprob(z, labels, mask, tau)
-        a = label_logprob(u, labels, mask, tau)
+        if u is None:
+            given = None if teacher_label_logprobs is None else teacher_label_logprobs.to(dtype)
+            a = given_label_logprob(labels, mask, index, teacher_lp, given)
+        else:
+            a = label_logprob(u, labels, mask, tau)
         if negative_logprobs is not None:
             b = torch.where(mask, negative_logprobs.to(dtype), zero)
         else:

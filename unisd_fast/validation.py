@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from .config import UniSDConfig
-from .ops.checks import check_labels, check_num_items_value
+from .config import SUPPORT_MASS_SLACK, UniSDConfig
+from .ops.checks import check_labels, check_num_items_value, check_support
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -199,14 +199,60 @@ def validate_inplace(student_logits) -> None:
         )
 
 
+def validate_support(cfg, inputs, V, labels, teacher_indices, teacher_logprobs,
+                     teacher_label_logprobs, check_values: bool = True) -> int | None:
+    """The sparse support's inputs: ``config.topk`` (at most V) or a given support
+    (``teacher_indices`` (B, T, k) integers, ``teacher_logprobs`` (B, T, k), optionally
+    ``teacher_label_logprobs`` (B, T)), with their values (``check_values``). Returns k,
+    or None for the full vocabulary."""
+    given = [n for n, x in (("teacher_indices", teacher_indices),
+                            ("teacher_logprobs", teacher_logprobs),
+                            ("teacher_label_logprobs", teacher_label_logprobs)) if x is not None]
+    if teacher_indices is None:
+        if given:
+            raise ValueError(f"{given[0]} needs teacher_indices and teacher_logprobs")
+        if cfg.topk is not None and cfg.topk > V:
+            raise ValueError(f"UniSDConfig.topk must be <= the vocabulary size V={V}, got "
+                             f"{cfg.topk}")
+        return cfg.topk
+    if cfg.topk is not None:
+        raise ValueError("teacher_indices gives the support: UniSDConfig.topk must be None, "
+                         f"got {cfg.topk}")
+    if teacher_logprobs is None:
+        raise ValueError("teacher_indices needs teacher_logprobs (B, T, k)")
+    check_tensor("teacher_indices", teacher_indices, INT_DTYPES, "an integer")
+    B, T = inputs.B, inputs.T
+    if teacher_indices.dim() != 3 or tuple(teacher_indices.shape[:2]) != (B, T) \
+            or teacher_indices.shape[-1] == 0:
+        raise ValueError(f"teacher_indices must have shape (B, T, k) = ({B}, {T}, k), k >= 1, "
+                         f"got {tuple(teacher_indices.shape)}")
+    inputs.same_device("teacher_indices", teacher_indices)
+    k = teacher_indices.shape[-1]
+    if k > V:
+        raise ValueError(f"teacher_indices must hold k <= V={V} indices per row, got k={k}")
+    inputs.tensor("teacher_logprobs", teacher_logprobs, (B, T, k), "(B, T, k)")
+    if teacher_label_logprobs is not None:
+        inputs.tensor("teacher_label_logprobs", teacher_label_logprobs, (B, T), "(B, T)")
+    if check_values:
+        check_support(teacher_indices, teacher_logprobs, labels, V, cfg.ignore_index,
+                      SUPPORT_MASS_SLACK,
+                      cfg.contrastive_weight > 0 and teacher_label_logprobs is None)
+    return k
+
+
 def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
-                    num_items_in_batch):
+                    num_items_in_batch, given_support: bool = False):
     """Check every input of ``unisd_loss`` against the config; returns the views as a list
-    (or None)."""
+    (or None). ``given_support``: the teacher is a given sparse support, teacher_logits must
+    be None."""
     inputs = Inputs("student_logits", student_logits, "V")
     B, T, V = student_logits.shape
-    inputs.tensor("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)")
+    if given_support:
+        if teacher_logits is not None:
+            raise ValueError("give teacher_logits or teacher_indices, not both")
+    else:
+        inputs.tensor("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)")
     inputs.labels(labels)
     check_labels(labels, V, cfg.ignore_index)
     views = inputs.options(cfg, ("view_logits", view_logits), view_logprobs,
@@ -226,9 +272,26 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
 def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, teacher_weight,
                            labels, student_bias, teacher_bias, view_hidden, view_logprobs,
                            negative_hidden, negative_logprobs, logit_softcap, logit_scale,
-                           num_items_in_batch, chunk_bytes):
+                           num_items_in_batch, chunk_bytes, given_support: bool = False):
     """Check every input of ``unisd_linear_loss`` against the config. Returns the views as a
-    list (or None), the soft-cap and the scale as floats (or None)."""
+    list (or None), the soft-cap and the scale as floats (or None). ``given_support``: the
+    teacher is a given sparse support; its hidden states and head are then optional (only
+    feature matching and views or negative given as hidden states use them)."""
+    if given_support and teacher_weight is None:
+        for name, x in (("view_hidden", view_hidden), ("negative_hidden", negative_hidden),
+                        ("teacher_bias", teacher_bias)):
+            if x is not None:
+                raise ValueError(f"{name} needs teacher_weight (the head that scores it)")
+    if given_support and (teacher_hidden is None or teacher_weight is None):
+        if cfg.feature_weight > 0 and teacher_hidden is None:
+            raise ValueError("feature_weight > 0 needs teacher_hidden (B, T, H)")
+        stand_in = student_hidden if teacher_hidden is None else teacher_hidden
+        teacher_weight = student_weight if teacher_weight is None else teacher_weight
+        if teacher_hidden is not None and teacher_hidden.shape[-1] != student_weight.shape[-1] \
+                and teacher_weight is student_weight:
+            raise ValueError("teacher_hidden with a hidden size other than the student's "
+                             "needs teacher_weight")
+        teacher_hidden = stand_in
     inputs = Inputs("student_hidden", student_hidden, "H")
     B, T, H = student_hidden.shape
     dtype = student_hidden.dtype

@@ -55,3 +55,33 @@ def check_num_items_value(n: torch.Tensor) -> None:
     """A one-element tensor ``num_items_in_batch`` holds a finite number > 0."""
     require((torch.isfinite(n) & (n > 0)).all(), "num_items_in_batch must be > 0 and finite",
             lambda: n.item())
+
+
+def check_support(index, logprobs, labels, V: int, ignore_index: int, slack: float,
+                  label_needed: bool) -> None:
+    """A given sparse support on the rows whose label is kept: ``teacher_indices`` in
+    [0, V) and distinct within a row, ``teacher_logprobs`` not NaN, at most ``slack`` above
+    0, and of total probability at most 1 + ``slack``; with ``label_needed`` each label in
+    its row's support (device-side asserts on CUDA)."""
+    keep = (labels != ignore_index).unsqueeze(-1)
+    idx = torch.where(keep, index.long(), torch.arange(index.shape[-1], device=index.device))
+    bad = (idx < 0) | (idx >= V)
+    require(~bad.any(), f"teacher_indices must lie in [0, {V}) on rows whose label is kept",
+            lambda: idx[bad][0].item())
+    ordered = idx.sort(-1).values
+    repeated = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    require(~repeated.any(), "teacher_indices must not repeat an index within a row",
+            lambda: ordered[repeated][0].tolist())
+    lp = torch.where(keep, logprobs.float(), -1.0)
+    require(~lp.isnan().any(), "teacher_logprobs must not be NaN on rows whose label is kept")
+    require(~(lp > slack).any(), "teacher_logprobs must be <= 0 (log-probabilities)",
+            lambda: lp.max().item())
+    mass = lp.double().exp().sum(-1)
+    require(~(keep.squeeze(-1) & (mass > 1 + slack)).any(),
+            "teacher_logprobs must hold a total probability <= 1 per row",
+            lambda: mass.max().item())
+    if label_needed:
+        held = (idx == labels.unsqueeze(-1)).any(-1) | ~keep.squeeze(-1)
+        require(held.all(), "a label outside its row's teacher_indices needs "
+                "teacher_label_logprobs (the teacher's log-prob of the label) with "
+                "contrastive_weight > 0")

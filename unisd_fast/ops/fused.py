@@ -55,6 +55,19 @@ def score_views(backend: RowBackend, views, labels, cfg: UniSDConfig):
     return lp.view(len(views), *labels.shape)
 
 
+def scored_options(call: FusedCall):
+    """The views' and negative's label log-probs (K, B, T) and (B, T) that the config needs,
+    scored by the backend where given as logits; None where not needed."""
+    cfg, backend, labels = call.config, call.backend, call.labels
+    view_lp = call.view_logprobs
+    if cfg.agreement != "none" and view_lp is None:
+        view_lp = score_views(backend, call.views, labels, cfg)
+    negative_lp = call.negative_logprobs
+    if cfg.contrastive_weight > 0 and negative_lp is None:
+        negative_lp = score(backend, call.negative_logits, labels, cfg.temperature, cfg)
+    return view_lp, negative_lp
+
+
 def scaled_grad(z, labels, stats: RowStats, grad_rows, finite: bool, ck, cc, tau,
                 cfg: UniSDConfig):
     """The logits gradient from the divergence gradient ``grad_rows`` the forward computed
@@ -89,12 +102,7 @@ class UniSDFunction(torch.autograd.Function):
             grad_rows, finite = None, False
         else:
             stats, grad_rows, finite = found
-        view_lp = call.view_logprobs
-        if cfg.agreement != "none" and view_lp is None:
-            view_lp = score_views(backend, call.views, labels, cfg)
-        negative_lp = call.negative_logprobs
-        if cfg.contrastive_weight > 0 and negative_lp is None:
-            negative_lp = score(backend, call.negative_logits, labels, cfg.temperature, cfg)
+        view_lp, negative_lp = scored_options(call)
         out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden,
                       call.teacher_hidden, call.num_items_in_batch)
 

@@ -353,6 +353,16 @@ def tiled_sweep(call: LinearCall, acc: Accumulators, chunk: Chunk | None,
         acc.weight_beta = 1.0
 
 
+def hand_over(call: LinearCall, acc: Accumulators, grad, hs, r0: int,
+              tiled: bool) -> Pending | None:
+    """A chunk's gradient to its head products: made now (whole-head schedule), or returned
+    as the ``Pending`` chunk of the next tiled sweep."""
+    if tiled:
+        return Pending(grad, hs.float(), r0)
+    acc.add(call, grad, hs, r0)
+    return None
+
+
 def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
                scales: co.RowScales, b_lab, c, *, with_stats: bool,
                acc: Accumulators | None) -> None:
@@ -397,11 +407,7 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
         rows = co.row_coefficients(st.divergence, st.student_label, st.teacher_label,
                                    None if b_lab is None else b_lab[r0:r1],
                                    everywhere[r0:r1], c, part, cfg)
-        grad = chunk_grad(call, z, u, y, st, rows)
-        if tiled:
-            pending = Pending(grad, hs.float(), r0)
-        else:
-            acc.add(call, grad, hs, r0)
+        pending = hand_over(call, acc, chunk_grad(call, z, u, y, st, rows), hs, r0, tiled)
     if pending is not None:
         tiled_sweep(call, acc, None, pending)
 
@@ -425,22 +431,8 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
     cfg = call.config
     N = call.labels.shape[0]
     mask = call.labels != cfg.ignore_index
-    index = mask.nonzero().squeeze(1)
-    groups = []
-    if cfg.agreement != "none" and view_lp is None:
-        groups.append((view_rows, cfg.view_temperature))
-    if cfg.contrastive_weight > 0 and negative_lp is None:
-        groups.append(([negative_rows], cfg.temperature))
-    scored = [scatter_rows(x, index, N) for x in score_rows(call, index, groups)] \
-        if groups else []
-    if cfg.agreement != "none" and view_lp is None:
-        view_lp = scored.pop(0).view(-1, *shape)
-    if cfg.contrastive_weight > 0 and negative_lp is None:
-        negative_lp = scored.pop(0).view(shape)
-
-    scales = co.RowScales(*(s.reshape(-1)[index] for s in co.row_scales(
-        mask.view(shape), cfg, view_lp, num_items_in_batch)))
-    b_lab = negative_lp.reshape(-1)[index].float() if cfg.contrastive_weight > 0 else None
+    index, view_lp, negative_lp, scales, b_lab = scored_rows(
+        call, shape, view_rows, view_lp, negative_rows, negative_lp, num_items_in_batch)
     stats = torch.zeros(N_STATS, index.shape[0], dtype=torch.float32, device=index.device)
     acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
@@ -454,6 +446,40 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
     all_rows = RowStats(*scatter_rows(stats, index, N).view(N_STATS, *shape))
     terms = combine(all_rows, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
                     teacher_hidden, num_items_in_batch)
+    return linear_result(call, terms, acc, index, student_hidden)
+
+
+def scored_rows(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,
+                num_items_in_batch):
+    """What the chunk pass needs before it starts: the kept rows ``index``, the views' and
+    negative's label log-probs (scored through the teacher head where not given), the
+    kept rows' ``RowScales`` and negative label log-probs (None without contrastive term)."""
+    cfg = call.config
+    N = call.labels.shape[0]
+    mask = call.labels != cfg.ignore_index
+    index = mask.nonzero().squeeze(1)
+    groups = []
+    if cfg.agreement != "none" and view_lp is None:
+        groups.append((view_rows, cfg.view_temperature))
+    if cfg.contrastive_weight > 0 and negative_lp is None:
+        groups.append(([negative_rows], cfg.temperature))
+    scored = [scatter_rows(x, index, N) for x in score_rows(call, index, groups)] \
+        if groups else []
+    if cfg.agreement != "none" and view_lp is None:
+        view_lp = scored.pop(0).view(-1, *shape)
+    if cfg.contrastive_weight > 0 and negative_lp is None:
+        negative_lp = scored.pop(0).view(shape)
+    scales = co.RowScales(*(s.reshape(-1)[index] for s in co.row_scales(
+        mask.view(shape), cfg, view_lp, num_items_in_batch)))
+    b_lab = negative_lp.reshape(-1)[index].float() if cfg.contrastive_weight > 0 else None
+    return index, view_lp, negative_lp, scales, b_lab
+
+
+def linear_result(call: LinearCall, terms: Coefficients, acc: Accumulators | None, index,
+                  student_hidden) -> LinearResult:
+    """The terms with the accumulated gradients (d hidden of the kept rows ``index``
+    scattered to all rows, plus the feature term's) cast to their inputs' dtypes."""
+    N = call.labels.shape[0]
     if acc is None:
         return LinearResult(terms, None, None, None)
     grad_h = None
