@@ -45,6 +45,11 @@ CASES = {
 FP64_TOL = dict(rtol=1e-9, atol=1e-12)
 # unisd_linear_loss computes its loss and logit gradients in float32 (docs/api.md)
 LINEAR_TOL = dict(rtol=1e-5, atol=1e-7)
+# and with the head split over ranks, its statistics are summed in another order: AdamW divides
+# each update by the gradient's root mean square, so weights whose gradient is near zero
+# (LoRA's A while B is near 0) move by a few 1e-6 differently in 3 steps at lr 1e-3
+# (measured: 7.6e-7 full, 4.4e-6 LoRA); a wrong gradient moves them by about lr
+TENSOR_PARALLEL_TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def fixed_completions(positions, items):
@@ -153,3 +158,24 @@ def test_parallel_mode_from_the_environment(monkeypatch):
     assert resolve_mode("auto") == "none" and resolve_mode("fsdp") == "fsdp"
     with pytest.raises(ValueError, match="parallel must be one of"):
         resolve_mode("zero3")
+
+
+@pytest.mark.parametrize("lora_r", [pytest.param(0, id="full"), pytest.param(8, id="lora",
+                                                                            marks=pytest.mark.slow)])
+def test_tensor_parallel_head_matches_one_rank(tmp_path, lora_r):
+    """--tensor-parallel 2: both ranks take the same batch, the loss splits the head by
+    vocabulary rows over them (full fine-tuning: the head and its tied embedding train)."""
+    cfg = {**COMMON, "method": "unisd_star", "lora_r": lora_r, "batch_size": 2,
+           "loss_path": "linear"}
+    one = tmp_path / "one"
+    run(TrainConfig(**cfg, parallel="none", output_dir=str(one)), sampler=fixed_completions)
+    two = tmp_path / "two"
+    run_ranks(2, **cfg, parallel="ddp", tensor_parallel=2, output_dir=str(two))
+    assert_same_run(one, two, TENSOR_PARALLEL_TOL)
+
+
+@pytest.mark.parametrize("changes", [dict(loss_path="logits"), dict(parallel="fsdp"),
+                                     dict(parallel="none")])
+def test_tensor_parallel_needs_the_linear_loss_and_ddp(changes):
+    with pytest.raises(ValueError, match="tensor_parallel=2 needs loss_path linear"):
+        TrainConfig(tensor_parallel=2, **changes)

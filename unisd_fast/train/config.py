@@ -148,6 +148,12 @@ class TrainConfig:
         "WORLD_SIZE > 1",
         choices=("auto", "none", "ddp", "fsdp"),
     )
+    tensor_parallel: int = _f(
+        1,
+        "ranks the lm_head is split over by vocabulary rows (the loss combines their row "
+        "statistics; the rest of the model is replicated in each group); data parallel "
+        "(ddp) over the WORLD_SIZE / N groups; needs --loss-path linear",
+    )
     sample_temperature: float = _f(0.7, "sampling temperature of the student's completions")
     # optimisation
     batch_size: int = _f(4, "prompts per micro-batch")
@@ -219,6 +225,7 @@ class TrainConfig:
             "eval_batch_size",
             "keep_checkpoints",
             "max_bad_steps",
+            "tensor_parallel",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -238,6 +245,12 @@ class TrainConfig:
         if self.num_views < 2:
             raise ConfigError(
                 f"num_views must be >= 2 (agreement needs K >= 2), got {self.num_views}"
+            )
+        if self.tensor_parallel > 1 and (self.loss_path != "linear"
+                                         or self.parallel in ("none", "fsdp")):
+            raise ConfigError(
+                f"tensor_parallel={self.tensor_parallel} needs loss_path linear and parallel "
+                f"auto or ddp, got loss_path {self.loss_path!r}, parallel {self.parallel!r}"
             )
         if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
             raise ConfigError(f"ema_beta must lie in [0, 1), got {self.ema_beta}")

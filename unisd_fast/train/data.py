@@ -113,7 +113,7 @@ class Data:
         """(stream positions, items) of each of this rank's micro-batches of ``step``."""
         batches = []
         for micro in range(self.cfg.grad_accum):
-            positions = self.schedule.positions(step, micro, par.rank, par.world_size)
+            positions = self.schedule.positions(step, micro, par.data_rank, par.data_world)
             batches.append((positions, [self.items[self.schedule.index(p)] for p in positions]))
         return batches
 

@@ -3,6 +3,9 @@
 PyTorch's own engine does the work: the process group comes from torchrun's environment
 (nccl on CUDA, gloo on CPU), ``--parallel ddp`` wraps the model in DistributedDataParallel,
 ``--parallel fsdp`` applies FSDP2 ``fully_shard`` to every decoder layer and then to the root.
+``--tensor-parallel N`` puts ranks r with the same r // N in one tensor-parallel group, which
+takes the same data and splits the lm_head by vocabulary rows in the loss
+(:mod:`.tensor_parallel`); DDP then runs over the groups (ranks with the same r % N).
 Every use of a wrapped model (forward, generation, the head inside the loss) runs inside the
 root module's forward, through :class:`unisd_fast.train.teachers.Runner`, so that DDP's and
 FSDP's hooks see it.
@@ -24,13 +27,26 @@ PARALLEL = ("auto", "none", "ddp", "fsdp")
 
 @dataclass(frozen=True)
 class Parallel:
-    """This process's place: ``mode`` is "none", "ddp" or "fsdp"."""
+    """This process's place: ``mode`` is "none", "ddp" or "fsdp". ``tensor_parallel`` ranks
+    form a group (``tp_group``) that shares its data; ``data_rank`` of ``data_world`` such
+    groups, joined by ``dp_group`` (None: the whole world)."""
 
     mode: str = "none"
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    tensor_parallel: int = 1
+    tp_group: object = None
+    dp_group: object = None
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def data_world(self) -> int:
+        return self.world_size // self.tensor_parallel
 
     @property
     def is_main(self) -> bool:
@@ -54,8 +70,9 @@ def resolve_mode(parallel: str) -> str:
     return parallel
 
 
-def setup(parallel: str, device: torch.device) -> Parallel:
-    """Join (or create) the process group named by torchrun's environment variables.
+def setup(parallel: str, device: torch.device, tensor_parallel: int = 1) -> Parallel:
+    """Join (or create) the process group named by torchrun's environment variables, and
+    the tensor-parallel and data-parallel groups of ``tensor_parallel`` > 1.
 
     ``--parallel ddp|fsdp`` in a single process without torchrun is a group of one (useful to
     test the wrapped path); ``none`` with WORLD_SIZE > 1 is an error, since every rank would
@@ -78,7 +95,18 @@ def setup(parallel: str, device: torch.device) -> Parallel:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return Parallel(mode, dist.get_rank(), dist.get_world_size(), local_rank, owns)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tensor_parallel == 1:
+        return Parallel(mode, rank, world, local_rank, owns)
+    if world % tensor_parallel:
+        raise ValueError(f"--tensor-parallel {tensor_parallel} must divide WORLD_SIZE={world}")
+    # every rank creates every group, in the same order
+    tp = [dist.new_group(list(range(g, g + tensor_parallel)))
+          for g in range(0, world, tensor_parallel)]
+    dp = [dist.new_group(list(range(i, world, tensor_parallel)))
+          for i in range(tensor_parallel)]
+    return Parallel(mode, rank, world, local_rank, owns, tensor_parallel,
+                    tp[rank // tensor_parallel], dp[rank % tensor_parallel])
 
 
 def local_device(device: torch.device, par: Parallel) -> torch.device:
@@ -122,7 +150,7 @@ def wrap(runner: nn.Module, par: Parallel, device: torch.device, trainable: bool
     if par.mode == "ddp" and trainable:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
-            runner, device_ids=ids, broadcast_buffers=False
+            runner, device_ids=ids, broadcast_buffers=False, process_group=par.dp_group
         )
     return runner
 
@@ -145,11 +173,12 @@ def gradient_sync(runner: nn.Module, par: Parallel, enabled: bool):
 
 
 def all_reduce_sum(values: list[float], par: Parallel, device: torch.device) -> list[float]:
-    """Element-wise sums over ranks of a list of numbers (one collective, float64)."""
+    """Element-wise sums over ranks of a list of numbers (one collective, float64); over
+    the data-parallel groups only, whose tensor-parallel ranks hold the same numbers."""
     if not par.distributed:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=par.dp_group)
     return t.tolist()
 
 

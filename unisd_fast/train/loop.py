@@ -126,7 +126,7 @@ def run(cfg: TrainConfig, task: Task | None = None, sampler=None) -> dict:
     checkpoint are checked (:mod:`.preflight`, :mod:`.resume`)."""
     started = time.perf_counter()
     check_environment(cfg)
-    par = distributed.setup(cfg.parallel, resolve_device(cfg))
+    par = distributed.setup(cfg.parallel, resolve_device(cfg), cfg.tensor_parallel)
     try:
         with output_dir_lock(cfg.output_dir), cpu_threads(cfg), deterministic_algorithms(cfg):
             return _prepared_run(cfg, task, sampler, par, started)
@@ -185,15 +185,15 @@ def train(cfg: TrainConfig, task: Task, sampler, par: Parallel, start: Start) ->
     torch.manual_seed(cfg.seed)
     tokenizer, model = load_model(cfg, device)
     roles = build_roles(cfg, model, par, device)
-    if par.rank:
-        random.seed(cfg.seed + par.rank)
-        torch.manual_seed(cfg.seed + par.rank)
+    if par.data_rank:  # the ranks of a tensor-parallel group sample alike
+        random.seed(cfg.seed + par.data_rank)
+        torch.manual_seed(cfg.seed + par.data_rank)
     ctx = build_context(cfg, roles, tokenizer, device)
 
     # Data: the evaluation prompts that fit, the training items and their seeded order.
     task = limit_eval_prompts(task, ctx.encode, cfg.max_prompt_tokens, cfg.eval_teacher)
     data = build_data(cfg, task, ctx.encode, ctx.eos_ids[0])
-    steps = total_steps(cfg, len(data.items), par.world_size)
+    steps = total_steps(cfg, len(data.items), par.data_world)
     setup = StepSetup(
         roles.runner, roles.teacher, cfg.loss_config(), par, cfg.loss_path, sampler, data.views
     )

@@ -6,7 +6,8 @@ counted and summed over ranks, and every micro-batch's loss is its share of the 
 with ``normalize="token"`` the loss gets ``num_items_in_batch`` = the step's completion tokens
 over all micro-batches and ranks; with ``"sequence"`` the micro-batch's mean over its
 sequences is scaled by ``B_micro / B_global``. Data-parallel gradient averaging divides by
-the number of ranks W, so the backpropagated loss is that share times W. The sum of the
+the number of data-parallel ranks W (ranks over WORLD_SIZE / --tensor-parallel groups that
+share their data), so the backpropagated loss is that share times W. The sum of the
 shares is the loss of the whole global batch; that is what the metrics report.
 
 The distillation forwards return lm_head inputs only; ``loss_path="linear"`` hands them with
@@ -26,6 +27,7 @@ from .. import LinearHead
 from .distributed import Parallel, all_reduce_sum, gradient_sync, unwrap
 from .rollout import generate, right_pad
 from .teachers import Runner, Scorer, completion_hidden, lm_head
+from .tensor_parallel import vocab_shards
 
 
 @dataclass
@@ -111,6 +113,9 @@ def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items
             from .. import unisd_linear_loss
 
             t_head: LinearHead = scores.get("head", head)
+            group = setup.par.tp_group
+            if group is not None:
+                head, t_head = vocab_shards(head, t_head, group)
             out = unisd_linear_loss(
                 hidden,
                 head.weight,
@@ -126,6 +131,7 @@ def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items
                 config=loss_cfg,
                 num_items_in_batch=num_items,
                 impl=cfg.loss_impl,
+                vocab_parallel=group,
             )
         else:
             from .. import unisd_loss
@@ -154,7 +160,7 @@ def distill_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
     scores = _teacher_scores(ctx, setup, micro, labels)
     loss, out = _distill_loss(ctx, setup, micro, labels, scores, norm["num_items"])
     share = norm["share"](micro)
-    (loss * share * setup.par.world_size).backward()
+    (loss * share * setup.par.data_world).backward()
     m = micro.mask.float()
     return {
         "loss": (out.loss.detach() * share).item(),
@@ -182,7 +188,7 @@ def sft_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
 
     loss = setup.runner(loss_of)
     share = norm["share"](micro)
-    (loss * share * setup.par.world_size).backward()
+    (loss * share * setup.par.data_world).backward()
     return {"loss": (loss.detach() * share).item()}
 
 
