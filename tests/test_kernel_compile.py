@@ -36,11 +36,13 @@ SCRIPT = textwrap.dedent("""
             logits = {"z_ptr": f"*{dtype}", "u_ptr": f"*{dtype}", "y_ptr": "*i64"}
             rows = {f"{n}_ptr": "*fp32" for n in ("lse_s", "lse_t", "d", "aux")}
             grad_rows = {f"{n}_ptr": "*fp32" for n in ("lse_s", "lse_t", "gap", "d", "aux")}
-            compile_kernel(stats._stats_kernel, {
+            stats_args = {
                 **logits, **rows, "s_lab_ptr": "*fp32", "t_lab_ptr": "*fp32",
-                "gap_ptr": "*fp32", **ROW,
-                **strides("z", "u", "y"), "inv_tau": "fp32", "alpha": "fp32",
-                "ignore_index": "i32"}, {"DIV": div, "BLOCK": 4096})
+                "gap_ptr": "*fp32", "redo_ptr": "*i32", **ROW,
+                **strides("z", "u", "y"), "inv_tau": "fp32", "alpha": "fp32"}
+            compile_kernel(stats._stats_kernel, {**stats_args, "ignore_index": "i32"},
+                           {"DIV": div, "BLOCK": 4096})
+            compile_kernel(stats._stats_exact_kernel, stats_args, {"DIV": div, "BLOCK": 2048})
             # one kernel for both grids: COLS (columns per program) is a run-time argument
             compile_kernel(grad._grad_kernel, {
                 **logits, "g_ptr": f"*{dtype}", **grad_rows, "ck_ptr": "*fp32",

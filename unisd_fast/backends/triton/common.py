@@ -3,12 +3,21 @@ cancellation-free helpers."""
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 DIVERGENCE_CODE = {"fkl": 0, "rkl": 1, "jsd": 2}
 FKL = tl.constexpr(DIVERGENCE_CODE["fkl"])
 RKL = tl.constexpr(DIVERGENCE_CODE["rkl"])
+JSD = tl.constexpr(DIVERGENCE_CODE["jsd"])
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Decorated for Triton's interpreter (TRITON_INTERPRET=1 when this module is imported).
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# The fast passes take the series below |x| < SERIES_BOUND and the direct form above it.
+SERIES_BOUND = tl.constexpr(0.25)
 
 
 # Row r of a (B, T, ...) tensor with strides (sb, st) starts at (r // T) * sb + (r % T) * st.
@@ -109,6 +118,59 @@ def mix_log_terms(y, k, log_k, log_1mk):
     lk = tl.where(small, w + f, far)
     q = tl.where(small, k * g + f, far - k * y)
     return lk, q
+
+
+# log2 x for positive normal x: compiled, one MUFU.LG2 (lg2.approx.ftz.f32, absolute error
+# about 2^-22; tl.log2 is a 20-instruction software log); the interpreter's exact log2.
+@triton.jit
+def approx_log2(x):
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+# Short series of the fast passes, for |x| < SERIES_BOUND (callers select): truncation below
+# 2e-8 relative there. e^x - 1 - x = x^2 (E(x^2) + x O(x^2)) with the even part
+# E = 1/2 + x^2/24 + x^4/720 and the odd part O = 1/6 + x^2/120 + x^4/5040; returns it at x
+# and at -x (x^2 (E - x O)), which share E and O.
+@triton.jit
+def expm1_minus_x_short(x):
+    x2 = x * x
+    even = (x2 * (1.0 / 720.0) + 1.0 / 24.0) * x2 + 0.5
+    odd = (x2 * (1.0 / 5040.0) + 1.0 / 120.0) * x2 + 1.0 / 6.0
+    return x2 * (even + x * odd), x2 * (even - x * odd)
+
+
+# q(r) = log((1 - a) + a e^r) - a r = sum_n k_n r^n / n! (n >= 2), k_n the cumulants of a
+# Bernoulli(a) variable; with w = a (1 - a), h = 1 - 2a: k2 = w, k3 = w h, k4 = w (1 - 6w),
+# k5 = w h (1 - 12w), k6 = w (1 - 30w + 120w^2), k7 = w h (1 - 60w + 360w^2),
+# k8 = w (1 - 126w + 1680w^2 - 5040w^3). The series converges for |r| < pi; to r^8 it is
+# within 2e-8 relative for |r| < SERIES_BOUND. Returns k_n / n! for n = 2..8.
+@triton.jit
+def mix_remainder_coefficients(a):
+    w = a * (1.0 - a)
+    h = 1.0 - 2.0 * a
+    c2 = w / 2.0
+    c3 = w * h / 6.0
+    c4 = w * (1.0 - 6.0 * w) / 24.0
+    c5 = w * h * (1.0 - 12.0 * w) / 120.0
+    c6 = w * (1.0 - 30.0 * w + 120.0 * w * w) / 720.0
+    c7 = w * h * (1.0 - 60.0 * w + 360.0 * w * w) / 5040.0
+    c8 = w * (1.0 - 126.0 * w + 1680.0 * w * w - 5040.0 * w * w * w) / 40320.0
+    return c2, c3, c4, c5, c6, c7, c8
+
+
+@triton.jit
+def mix_remainder_series(r, c2, c3, c4, c5, c6, c7, c8):
+    p = c8 * r + c7
+    p = p * r + c6
+    p = p * r + c5
+    p = p * r + c4
+    p = p * r + c3
+    p = p * r + c2
+    return r * r * p
 
 
 # Running maximum that tolerates all -inf tiles: the exponent base is 0 while the maximum is

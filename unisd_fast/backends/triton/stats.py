@@ -13,10 +13,17 @@ from ..protocol import RowStats
 from .common import (
     DIVERGENCE_CODE,
     FKL,
+    LN2,
+    LOG2E,
     RKL,
+    SERIES_BOUND,
+    approx_log2,
     expm1_minus_x_series,
+    expm1_minus_x_short,
     launch_geometry,
     mix_log_terms,
+    mix_remainder_coefficients,
+    mix_remainder_series,
     row_offset,
     safe_base,
     shifted_kl_finish,
@@ -24,24 +31,64 @@ from .common import (
 )
 
 
-# With s = z / tau, t = u / tau, dx = s - t formed as (z - u) / tau, online over vocabulary
-# tiles (docs/losses.md, "Accuracy when the student is close to the teacher"):
-#   lse_S = m_S + log sum e^(s - m_S), lse_T likewise (running max, rescaled sums);
-#   mu = dx at the label, x = dx - mu; with e_T = e^(t - m_T) (rescaled like l_T):
-#   A_T = sum e_T x, G_T = sum e_T (e^x - 1 - x)  ->  a = A_T / l_T, b = G_T / l_T,
-#   fkl: D = b + f(a + b) (f(w) = log1p(w) - w), lse_S - lse_T = log1p(a + b) + mu;
-#   rkl: the same with e_S and -x: lse_S - lse_T = mu - log1p(a' + b');
-#   jsd: both, then a second loop over the row with r = lp_T - lp_S = gap - dx:
-#        KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a), AUX = KL(p_S||M) = a D_rkl - sum p_S
-#        q(r; a), D = a KL(p_T||M) + (1-a) AUX (q: the remainder of common.mix_log_terms).
-#   Columns where z and u are both -inf are dropped; rows with a one-sided -inf column, or
-#   whose shifted sums overflow, take the textbook sums (C_T = sum e_T (t - s), and so on).
-#   label log-probs: s_y - lse_S and t_y - lse_T.
+# Fast stats pass. With s = z / tau, t = u / tau and x = (z - u) / tau - mu (mu: x at the
+# label), lse_S - lse_T = mu + log E_T[e^x] and KL(p_T||p_S) = log E_T[e^x] - E_T[x]
+# (docs/losses.md, "Accuracy when the student is close to the teacher"), so one weighted
+# family of sums gives both log-sum-exps and D:
+#   fkl: w = 2^(t log2(e) - c_T): l_T = sum w, A_T = sum w x, G_T = sum w (e^x - 1 - x);
+#        a = A_T / l_T, b = G_T / l_T, D = b + f(a + b) (f(w) = log1p(w) - w),
+#        gap = lse_S - lse_T = mu + log1p(a + b), lse_T = c_T ln 2 + log l_T, lse_S = lse_T + gap;
+#   rkl: the mirror (student weights, -x): gap = mu - log1p(a' + b');
+#   jsd: both, then a second read of the row with r = lp_T - lp_S = (u - z) / tau + gap and
+#        q(r) = log((1-a) + a e^r) - a r: KL(p_T||M) = (1-a) D_fkl - sum p_T q,
+#        AUX = KL(p_S||M) = a D_rkl - sum p_S q, D = a KL(p_T||M) + (1-a) AUX.
+# The sums are per-thread (one slot per tile column), reduced once after the loop. The shift
+# c is the first tile's maximum, fixed for the row: no running maximum, no rescaling; a row
+# whose sums overflow (a logit 88 nats above the first tile's maximum), that has a -inf
+# logit (masked columns, a one-sided -inf) or whose E_T[e^x] is far below 1 (a + b < -0.5)
+# gets non-finite or flagged sums and redo = 1: _stats_exact_kernel recomputes it.
+# e^x - 1 - x takes the series for |x| < SERIES_BOUND and the direct form beyond (one select).
 # Rows whose label is ignore_index write zeros and read nothing.
+@triton.jit
+def _shifted_sums(zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, l_t, a_t, g_t, l_s, a_s, g_s,
+                  DIV: tl.constexpr, MASKED: tl.constexpr):
+    x = (zf - uf) * inv_tau - mu
+    if MASKED:
+        x = tl.where(keep, x, 0.0)
+    small = tl.abs(x) < SERIES_BOUND
+    series_x, series_nx = expm1_minus_x_short(x)
+    if DIV != RKL:
+        w = tl.exp2(uf * scale2 - c_t)
+        gx = tl.where(small, series_x, tl.exp2(x * LOG2E) - 1.0 - x)
+        l_t += w
+        a_t += w * x
+        g_t += w * gx
+    if DIV != FKL:
+        v = tl.exp2(zf * scale2 - c_s)
+        gn = tl.where(small, series_nx, tl.exp2(x * -LOG2E) - 1.0 + x)
+        l_s += v
+        a_s -= v * x
+        g_s += v * gn
+    return l_t, a_t, g_t, l_s, a_s, g_s
+
+
+@triton.jit
+def _mixture_remainders(zf, uf, keep, inv_tau, scale2, ls2, lt2, gap, alpha, log_1ma,
+                        c2, c3, c4, c5, c6, c7, c8, q_t, q_s, MASKED: tl.constexpr):
+    r = (uf - zf) * inv_tau + gap
+    if MASKED:
+        r = tl.where(keep, r, 0.0)
+    q = tl.where(tl.abs(r) < SERIES_BOUND, mix_remainder_series(r, c2, c3, c4, c5, c6, c7, c8),
+                 approx_log2((1.0 - alpha) + alpha * tl.exp2(r * LOG2E)) * LN2 - alpha * r)
+    q_t += tl.exp2(uf * scale2 - lt2) * q
+    q_s += tl.exp2(zf * scale2 - ls2) * q
+    return q_t, q_s
+
+
 @triton.jit
 def _stats_kernel(
     z_ptr, u_ptr, y_ptr,
-    lse_s_ptr, lse_t_ptr, d_ptr, aux_ptr, s_lab_ptr, t_lab_ptr, gap_ptr,
+    lse_s_ptr, lse_t_ptr, d_ptr, aux_ptr, s_lab_ptr, t_lab_ptr, gap_ptr, redo_ptr,
     T, V, z_sb, z_st, u_sb, u_st, y_sb, y_st,
     inv_tau, alpha, ignore_index,
     DIV: tl.constexpr, BLOCK: tl.constexpr,
@@ -56,7 +103,124 @@ def _stats_kernel(
     s_lab = zero
     t_lab = zero
     gap = zero
+    redo = tl.zeros((), tl.int32)
     if y != ignore_index:
+        z_row = z_ptr + row_offset(row, T, z_sb, z_st)
+        u_row = u_ptr + row_offset(row, T, u_sb, u_st)
+        z_y = tl.load(z_row + y).to(tl.float32)
+        u_y = tl.load(u_row + y).to(tl.float32)
+        mu = (z_y - u_y) * inv_tau
+        scale2 = inv_tau * LOG2E
+        cols = tl.arange(0, BLOCK)
+        keep = cols < V
+        zf = tl.load(z_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+        uf = tl.load(u_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+        c_t = safe_base(tl.max(uf, 0) * scale2)
+        c_s = safe_base(tl.max(zf, 0) * scale2)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        l_t, a_t, g_t, l_s, a_s, g_s = _shifted_sums(
+            zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, acc, acc, acc, acc, acc, acc,
+            DIV, True)
+        full = V // BLOCK
+        for i in range(1, full):
+            cols = i * BLOCK + tl.arange(0, BLOCK)
+            zf = tl.load(z_row + cols).to(tl.float32)
+            uf = tl.load(u_row + cols).to(tl.float32)
+            l_t, a_t, g_t, l_s, a_s, g_s = _shifted_sums(
+                zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, l_t, a_t, g_t, l_s, a_s, g_s,
+                DIV, False)
+        if (full >= 1) & (full * BLOCK < V):
+            cols = full * BLOCK + tl.arange(0, BLOCK)
+            keep = cols < V
+            zf = tl.load(z_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+            uf = tl.load(u_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+            l_t, a_t, g_t, l_s, a_s, g_s = _shifted_sums(
+                zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, l_t, a_t, g_t, l_s, a_s, g_s,
+                DIV, True)
+        ok = mu == mu
+        if DIV != RKL:
+            sum_t = tl.sum(l_t, 0)
+            d_f, lg_t, near_t = shifted_kl_finish(tl.sum(a_t, 0) / sum_t, tl.sum(g_t, 0) / sum_t)
+            ok = ok & near_t & (tl.abs(d_f) < float("inf"))
+            lse_t = c_t * LN2 + tl.log(sum_t)
+            gap = lg_t + mu
+        if DIV != FKL:
+            sum_s = tl.sum(l_s, 0)
+            d_r, lg_s, near_s = shifted_kl_finish(tl.sum(a_s, 0) / sum_s, tl.sum(g_s, 0) / sum_s)
+            ok = ok & near_s & (tl.abs(d_r) < float("inf"))
+            lse_s = c_s * LN2 + tl.log(sum_s)
+            if DIV == RKL:
+                gap = mu - lg_s
+        if DIV == FKL:
+            lse_s = lse_t + gap
+            d = d_f
+        elif DIV == RKL:
+            lse_t = lse_s - gap
+            d = d_r
+        elif ok:
+            c2, c3, c4, c5, c6, c7, c8 = mix_remainder_coefficients(alpha)
+            log_1ma = tl.log(1.0 - alpha)
+            ls2 = lse_s * LOG2E
+            lt2 = lse_t * LOG2E
+            q_t = tl.zeros((BLOCK,), tl.float32)
+            q_s = tl.zeros((BLOCK,), tl.float32)
+            for i in range(0, full):
+                cols = i * BLOCK + tl.arange(0, BLOCK)
+                zf = tl.load(z_row + cols).to(tl.float32)
+                uf = tl.load(u_row + cols).to(tl.float32)
+                q_t, q_s = _mixture_remainders(zf, uf, keep, inv_tau, scale2, ls2, lt2, gap,
+                                               alpha, log_1ma, c2, c3, c4, c5, c6, c7, c8,
+                                               q_t, q_s, False)
+            if full * BLOCK < V:
+                cols = full * BLOCK + tl.arange(0, BLOCK)
+                keep = cols < V
+                zf = tl.load(z_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+                uf = tl.load(u_row + cols, mask=keep, other=float("-inf")).to(tl.float32)
+                q_t, q_s = _mixture_remainders(zf, uf, keep, inv_tau, scale2, ls2, lt2, gap,
+                                               alpha, log_1ma, c2, c3, c4, c5, c6, c7, c8,
+                                               q_t, q_s, True)
+            aux = alpha * d_r - tl.sum(q_s, 0)
+            d = alpha * ((1.0 - alpha) * d_f - tl.sum(q_t, 0)) + (1.0 - alpha) * aux
+            ok = tl.abs(d) < float("inf")
+        s_lab = z_y * inv_tau - lse_s
+        t_lab = u_y * inv_tau - lse_t
+        redo = tl.where(ok, 0, 1)
+    tl.store(lse_s_ptr + row, lse_s)
+    tl.store(lse_t_ptr + row, lse_t)
+    tl.store(d_ptr + row, d)
+    tl.store(aux_ptr + row, aux)
+    tl.store(s_lab_ptr + row, s_lab)
+    tl.store(t_lab_ptr + row, t_lab)
+    tl.store(gap_ptr + row, gap)
+    tl.store(redo_ptr + row, redo)
+
+
+# The exact stats of the rows the fast pass flagged (redo != 0), every other row untouched.
+# With s = z / tau, t = u / tau, dx = s - t formed as (z - u) / tau, online over vocabulary
+# tiles (docs/losses.md, "Accuracy when the student is close to the teacher"):
+#   lse_S = m_S + log sum e^(s - m_S), lse_T likewise (running max, rescaled sums);
+#   mu = dx at the label, x = dx - mu; with e_T = e^(t - m_T) (rescaled like l_T):
+#   A_T = sum e_T x, G_T = sum e_T (e^x - 1 - x)  ->  a = A_T / l_T, b = G_T / l_T,
+#   fkl: D = b + f(a + b) (f(w) = log1p(w) - w), lse_S - lse_T = log1p(a + b) + mu;
+#   rkl: the same with e_S and -x: lse_S - lse_T = mu - log1p(a' + b');
+#   jsd: both, then a second loop over the row with r = lp_T - lp_S = gap - dx:
+#        KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a), AUX = KL(p_S||M) = a D_rkl - sum p_S
+#        q(r; a), D = a KL(p_T||M) + (1-a) AUX (q: the remainder of common.mix_log_terms).
+#   Columns where z and u are both -inf are dropped; rows with a one-sided -inf column, or
+#   whose shifted sums overflow, take the textbook sums (C_T = sum e_T (t - s), and so on).
+#   label log-probs: s_y - lse_S and t_y - lse_T.
+@triton.jit
+def _stats_exact_kernel(
+    z_ptr, u_ptr, y_ptr,
+    lse_s_ptr, lse_t_ptr, d_ptr, aux_ptr, s_lab_ptr, t_lab_ptr, gap_ptr, redo_ptr,
+    T, V, z_sb, z_st, u_sb, u_st, y_sb, y_st,
+    inv_tau, alpha,
+    DIV: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(redo_ptr + row) != 0:
+        y = tl.load(y_ptr + row_offset(row, T, y_sb, y_st)).to(tl.int64)
+        aux = tl.zeros((), tl.float32)
         z_row = z_ptr + row_offset(row, T, z_sb, z_st)
         u_row = u_ptr + row_offset(row, T, u_sb, u_st)
         z_y = tl.load(z_row + y).to(tl.float32)
@@ -160,19 +324,20 @@ def _stats_kernel(
             kl_sm = tl.where(ok, alpha * d_r - q_s, k_s)
             d = alpha * kl_tm + (1.0 - alpha) * kl_sm
             aux = kl_sm
-        s_lab = z_y * inv_tau - lse_s
-        t_lab = u_y * inv_tau - lse_t
-    tl.store(lse_s_ptr + row, lse_s)
-    tl.store(lse_t_ptr + row, lse_t)
-    tl.store(d_ptr + row, d)
-    tl.store(aux_ptr + row, aux)
-    tl.store(s_lab_ptr + row, s_lab)
-    tl.store(t_lab_ptr + row, t_lab)
-    tl.store(gap_ptr + row, gap)
+        tl.store(lse_s_ptr + row, lse_s)
+        tl.store(lse_t_ptr + row, lse_t)
+        tl.store(d_ptr + row, d)
+        tl.store(aux_ptr + row, aux)
+        tl.store(s_lab_ptr + row, z_y * inv_tau - lse_s)
+        tl.store(t_lab_ptr + row, u_y * inv_tau - lse_t)
+        tl.store(gap_ptr + row, gap)
 
 
-# l = x_y / tau - logsumexp(x / tau), online max/sum over vocabulary tiles (all -inf tiles
-# allowed); 0 on ignored rows.
+# l = x_y / tau - logsumexp(x / tau) with per-thread running maxima (one slot per tile
+# column) in base 2, xs = x log2(e) / tau: with d = xs - m, one exponential per element,
+# e = 2^-|d|: the slot's sum becomes sum e + ... when d <= 0, sum * e + 1 when d > 0 (the new
+# maximum), m = max(m, xs); -inf columns add 0 (m starts at -FLT_MAX, never -inf). After the
+# loop, M = max m and L = sum over slots of sum 2^(m - M). 0 on ignored rows.
 @triton.jit
 def _label_logprob_kernel(
     x_ptr, y_ptr, out_ptr, T, V, x_sb, x_st, y_sb, y_st, inv_tau, ignore_index,
@@ -183,18 +348,37 @@ def _label_logprob_kernel(
     out = tl.zeros((), tl.float32)
     if y != ignore_index:
         x_row = x_ptr + row_offset(row, T, x_sb, x_st)
-        m = float("-inf")
-        acc = 0.0
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            x = x * inv_tau
-            new_m = tl.maximum(m, tl.max(x, 0))
-            base = safe_base(new_m)
-            acc = acc * tl.exp(m - base) + tl.sum(tl.exp(x - base), 0)
-            m = new_m
-        out = tl.load(x_row + y).to(tl.float32) * inv_tau - (m + tl.log(acc))
+        scale2 = inv_tau * LOG2E
+        m = tl.full((BLOCK,), -3.4028234663852886e38, tl.float32)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        full = V // BLOCK
+        for i in range(0, full):
+            xs = tl.load(x_row + i * BLOCK + tl.arange(0, BLOCK)).to(tl.float32) * scale2
+            m, acc = _running_sum(xs, m, acc)
+        if full * BLOCK < V:
+            cols = full * BLOCK + tl.arange(0, BLOCK)
+            xs = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m, acc = _running_sum(xs * scale2, m, acc)
+        top = tl.max(m, 0)
+        total = tl.sum(acc * tl.exp2(m - top), 0)
+        out = tl.load(x_row + y).to(tl.float32) * inv_tau - (top + tl.log2(total)) * LN2
     tl.store(out_ptr + row, out)
+
+
+@triton.jit
+def _running_sum(xs, m, acc):
+    d = xs - m
+    e = tl.exp2(-tl.abs(d))
+    up = d > 0.0
+    return tl.maximum(m, xs), tl.where(up, acc * e + 1.0, acc + e)
+
+
+# Registers per thread of the fast stats kernel: 64 keeps two 16-warp programs on an SM
+# (docs/kernels.md, "Compiled cost"); jsd's six per-column sums take half a tile per thread
+# to fit.
+STATS_REGISTERS = 64
+# The exact kernel's tile: at most 2048 columns (it runs on rare rows; fewer registers).
+EXACT_BLOCK = 2048
 
 
 def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore_index: int,
@@ -202,12 +386,18 @@ def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore
     """Per-row (lse_S, lse_T, D, aux, s_y, t_y, lse_S - lse_T), float32 (B, T) each."""
     B, T, V = z.shape
     outs = [torch.empty((B, T), dtype=torch.float32, device=z.device) for _ in range(7)]
+    redo = torch.empty((B, T), dtype=torch.int32, device=z.device)
     block, warps = launch_geometry(V, max_block)
-    _stats_kernel[(B * T,)](
-        z, u, labels, *outs, T, V, *strides_bt(z), *strides_bt(u), *strides_bt(labels),
-        1.0 / tau, alpha, ignore_index,
-        DIV=DIVERGENCE_CODE[divergence], BLOCK=block, num_warps=warps,
-    )
+    args = (T, V, *strides_bt(z), *strides_bt(u), *strides_bt(labels), 1.0 / tau, alpha)
+    fast_block = block // 2 if divergence == "jsd" and block >= 1024 else block
+    _stats_kernel[(B * T,)](z, u, labels, *outs, redo, *args, ignore_index,
+                            DIV=DIVERGENCE_CODE[divergence], BLOCK=fast_block,
+                            num_warps=warps, maxnreg=STATS_REGISTERS)
+    # the flagged rows again, exactly; the others return at once (no host sync)
+    block, warps = launch_geometry(V, min(max_block, EXACT_BLOCK))
+    _stats_exact_kernel[(B * T,)](z, u, labels, *outs, redo, *args,
+                                  DIV=DIVERGENCE_CODE[divergence], BLOCK=block,
+                                  num_warps=warps)
     return RowStats(*outs)
 
 
