@@ -15,6 +15,8 @@ _EXPORTS = {
     "UniSDConfig": ".config",
     "LinearHead": ".ops.head",
     "resolve_impl": ".backends.choice",
+    "ViewSelection": ".ops.coverage",
+    "select_view_rows": ".ops.coverage",
     "UniSDLinearLoss": ".linear",
     "unisd_linear_loss": ".linear",
     "UniSDLoss": ".losses",

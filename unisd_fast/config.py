@@ -71,7 +71,11 @@ class UniSDConfig:
     agreement: "none", "token" or "sequence" weighting from K >= 2 teacher views, scored at
         ``view_temperature``; ``agreement_stat`` "var" or "range"; token weights are
         max(1 / (1 + gamma * min(d / s, cap)), floor) with s the ``agreement_quantile``
-        of the batch's disagreements. A "sequence" weight is constant over a sequence, so
+        of the batch's disagreements. ``agreement_coverage`` c in (0, 1]: the callers that
+        run the view forwards (trainer, TRL drop-in) score them only on the sequences
+        holding the largest share c of the batch's divergence mass (1: every sequence); the
+        loss takes the scored positions as ``view_mask`` (docs/losses.md, "Adaptive
+        agreement"). A "sequence" weight is constant over a sequence, so
         with normalize="sequence" it cancels in that sequence's weighted mean (unless the
         weight sum falls below 1): it is offered as defined, like the paper's code.
     contrastive_weight / contrastive_margin: token hinge against a negative teacher.
@@ -98,6 +102,7 @@ class UniSDConfig:
     agreement_cap: float = 10.0
     agreement_floor: float = 0.01
     agreement_stat: str = "var"
+    agreement_coverage: float = 1.0
     view_temperature: float = 1.0
     contrastive_weight: float = 0.0
     contrastive_margin: float = 0.5
@@ -143,6 +148,17 @@ class UniSDConfig:
             raise ValueError(
                 f"UniSDConfig.agreement_quantile must lie in [0, 1], got "
                 f"{self.agreement_quantile}"
+            )
+        _finite("agreement_coverage", self.agreement_coverage)
+        if not 0.0 < self.agreement_coverage <= 1.0:
+            raise ValueError(
+                f"UniSDConfig.agreement_coverage must lie in (0, 1], got "
+                f"{self.agreement_coverage}"
+            )
+        if self.agreement_coverage < 1.0 and self.agreement == "none":
+            raise ValueError(
+                "UniSDConfig.agreement_coverage < 1 selects the sequences the views score; it "
+                "needs agreement='token' or 'sequence'"
             )
         _finite("agreement_cap", self.agreement_cap, positive=True)
         _finite("agreement_floor", self.agreement_floor)

@@ -31,7 +31,7 @@ def default_chunk_bytes(device: torch.device) -> int:
 
 def _reference(cfg, student: LinearHead, teacher: LinearHead, student_hidden, teacher_hidden,
                labels, views, view_logprobs, negative_hidden, negative_logprobs,
-               num_items_in_batch, support) -> UniSDOutput:
+               num_items_in_batch, support, view_mask) -> UniSDOutput:
     """impl="reference": materialise every logits tensor (differentiably for the student)
     and call the eager reference of ``unisd_loss``. ``support``: the given sparse support's
     keyword arguments of unisd_loss (teacher logits then not scored)."""
@@ -46,7 +46,7 @@ def _reference(cfg, student: LinearHead, teacher: LinearHead, student_hidden, te
                       negative_logits=negative_logits, negative_logprobs=negative_logprobs,
                       student_hidden=student_hidden, teacher_hidden=teacher_hidden,
                       config=cfg, num_items_in_batch=num_items_in_batch, impl="reference",
-                      **support)
+                      view_mask=view_mask, **support)
 
 
 def unisd_linear_loss(
@@ -71,6 +71,7 @@ def unisd_linear_loss(
     teacher_indices: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     teacher_label_logprobs: torch.Tensor | None = None,
+    view_mask: torch.Tensor | None = None,
 ) -> UniSDOutput:
     """The UniSD loss of the logits ``f(h W^T + b)`` of student and teacher heads, computed
     chunk by chunk without materialising them (docs/api.md).
@@ -88,6 +89,8 @@ def unisd_linear_loss(
     A sparse support as in ``unisd_loss``: ``config.topk``, or the given teacher_indices and
     teacher_logprobs (B, T, k); teacher_hidden and teacher_weight may then be None (they
     serve only feature matching and hidden-state views or negative); whole heads only.
+    view_mask (B, T) bool: the positions the views scored (adaptive agreement): only
+    those view rows meet the head; elsewhere the weight is 1.
     """
     cfg = check_config(config)
     given = teacher_indices is not None
@@ -102,7 +105,7 @@ def unisd_linear_loss(
         cfg, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias, view_hidden, view_logprobs, negative_hidden,
         negative_logprobs, logit_softcap, logit_scale, num_items_in_batch, chunk_bytes,
-        given_support=given)
+        given_support=given, view_mask=view_mask)
     k = validate_support(cfg, Inputs("student_hidden", student_hidden, "H"),
                          student_weight.shape[0], labels, teacher_indices, teacher_logprobs,
                          teacher_label_logprobs)
@@ -119,7 +122,8 @@ def unisd_linear_loss(
         return _reference(cfg, LinearHead(student_weight, student_bias, softcap, scale),
                           LinearHead(teacher_weight, teacher_bias, softcap, scale),
                           student_hidden, teacher_hidden, labels, views, view_logprobs,
-                          negative_hidden, negative_logprobs, num_items_in_batch, support)
+                          negative_hidden, negative_logprobs, num_items_in_batch, support,
+                          view_mask)
     if k is not None:
         return _sparse(cfg, k, which, student_hidden, student_weight, student_bias,
                        teacher_hidden, teacher_weight, teacher_bias, labels, views,
@@ -129,7 +133,7 @@ def unisd_linear_loss(
     grad_on = torch.is_grad_enabled()
     shared = teacher_weight is student_weight
     if cfg.agreement == "none":
-        views, view_logprobs = None, None
+        views, view_logprobs, view_mask = None, None, None
     if cfg.contrastive_weight == 0:
         negative_hidden, negative_logprobs = None, None
     items_is_tensor = isinstance(num_items_in_batch, torch.Tensor)
@@ -140,7 +144,8 @@ def unisd_linear_loss(
         teacher_weight=None if shared else teacher_weight.detach(),
         teacher_bias=None if teacher_bias is student_bias else detached(teacher_bias),
         labels=labels, view_hidden=[] if views is None else [v.detach() for v in views],
-        view_logprobs=detached(view_logprobs), negative_hidden=detached(negative_hidden),
+        view_logprobs=detached(view_logprobs), view_mask=view_mask,
+        negative_hidden=detached(negative_hidden),
         negative_logprobs=detached(negative_logprobs),
         num_items_tensor=num_items_in_batch if items_is_tensor else None,
         num_items=None if items_is_tensor or num_items_in_batch is None

@@ -62,15 +62,18 @@ def unisd_loss(
     teacher_indices: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     teacher_label_logprobs: torch.Tensor | None = None,
+    view_mask: torch.Tensor | None = None,
 ) -> UniSDOutput:
     """The UniSD loss of docs/losses.md on (B, T, V) logits and (B, T) labels.
 
     view_logits: (K, B, T, V) tensor or list of K (B, T, V) tensors, or view_logprobs
     (K, B, T) already scored; needed with agreement. negative_logits (B, T, V) or
     negative_logprobs (B, T): needed with contrastive_weight > 0. student_hidden and
-    teacher_hidden (B, T, H): needed with feature_weight > 0. impl: one of ``IMPLS`` or a
-    ``RowBackend`` (docs/api.md). inplace_backward=True writes the logits gradient into
-    student_logits' own buffer (fused impls only; the logits are then overwritten).
+    teacher_hidden (B, T, H): needed with feature_weight > 0. view_mask (B, T) bool: the
+    positions the views scored (adaptive agreement; elsewhere the weight is 1). impl: one
+    of ``IMPLS`` or a ``RowBackend`` (docs/api.md). inplace_backward=True writes the logits
+    gradient into student_logits' own buffer (fused impls only; the logits are then
+    overwritten).
     A sparse support (docs/losses.md, "Sparse supports"): ``config.topk`` (the student's
     top-k, teacher log-probs from teacher_logits), or teacher_logits None and the given
     teacher_indices with teacher_logprobs (B, T, k), and teacher_label_logprobs (B, T) for
@@ -81,6 +84,7 @@ def unisd_loss(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
         given_support=teacher_indices is not None,
+        view_mask=view_mask,
     )
     k = validate_support(cfg, Inputs("student_logits", student_logits, "V"),
                          student_logits.shape[-1], labels, teacher_indices, teacher_logprobs,
@@ -100,6 +104,7 @@ def unisd_loss(
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
             teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
             teacher_label_logprobs=teacher_label_logprobs,
+            view_mask=view_mask,
         )
         return UniSDOutput(**out)
     if k is not None:
@@ -116,7 +121,7 @@ def unisd_loss(
         views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,
         negative_logprobs=negative_logprobs, student_hidden=student_hidden,
         teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
-        inplace_backward=inplace_backward, first=small.run,
+        inplace_backward=inplace_backward, first=small.run, view_mask=view_mask,
     )
     return UniSDOutput(*parts)
 

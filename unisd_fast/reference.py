@@ -168,20 +168,26 @@ def disagreement(view_lp, stat: str, unbiased: bool):
     return view_lp.var(dim=0, correction=1 if unbiased else 0)
 
 
-def agreement_weights(view_lp, mask, cfg):
-    """Agreement weights (B, T) from view label log-probs (K, B, T); constants."""
+def agreement_weights(view_lp, mask, cfg, view_mask=None):
+    """Agreement weights (B, T) from view label log-probs (K, B, T); constants. Where
+    ``view_mask`` is False (positions the views did not score) the weight is 1, and those
+    positions take no part in the scale s or the sequence means."""
     view_lp = view_lp.detach()
+    scored = mask if view_mask is None else mask & view_mask
+    one = torch.ones((), dtype=view_lp.dtype)
     if cfg.agreement == "token":
         d = disagreement(view_lp, cfg.agreement_stat, unbiased=True)
-        s = masked_quantile(d, mask, cfg.agreement_quantile)
+        s = masked_quantile(d, scored, cfg.agreement_quantile)
         s = torch.clamp(s if s is not None else d.new_zeros(()), min=AGREEMENT_SCALE_FLOOR)
         ratio = torch.clamp(d / s, max=cfg.agreement_cap)
         w = torch.clamp(1.0 / (1.0 + cfg.agreement_gamma * ratio), min=cfg.agreement_floor)
+        w = torch.where(scored, w, one)
     elif cfg.agreement == "sequence":
-        m = mask.to(view_lp.dtype)
+        m = scored.to(view_lp.dtype)
         mu = (view_lp * m).sum(-1) / torch.clamp(m.sum(-1), min=1.0)
         d = disagreement(mu, cfg.agreement_stat, unbiased=False)
         w = torch.clamp(torch.exp(-cfg.agreement_gamma * d), min=SEQUENCE_WEIGHT_FLOOR)
+        w = torch.where(scored.any(-1), w, one)
         w = w.unsqueeze(-1).expand_as(mask).clone()
     else:
         raise ValueError(f"unknown agreement {cfg.agreement!r}")
@@ -225,8 +231,10 @@ def unisd_loss_reference(
     teacher_indices=None,
     teacher_logprobs=None,
     teacher_label_logprobs=None,
+    view_mask=None,
 ):
     """The whole UniSD loss; returns a dict of loss, its parts and per-token diagnostics.
+    ``view_mask`` (B, T) bool: where the views were scored (None: everywhere).
 
     Inputs are assumed validated (see ``unisd_fast.losses``). Rows whose label is
     ``config.ignore_index`` are replaced by zeros before any arithmetic, so non-finite values
@@ -261,14 +269,15 @@ def unisd_loss_reference(
     d_clipped = torch.where(clipped, c.to(dtype) if c is not None else zero, d)
 
     if cfg.agreement != "none":
+        scored = mask if view_mask is None else mask & view_mask
         if view_logprobs is not None:
-            view_lp = torch.where(mask, view_logprobs.to(dtype), zero)
+            view_lp = torch.where(scored, view_logprobs.to(dtype), zero)
         else:
             views = torch.stack([v.to(dtype) for v in view_logits])
-            views = torch.where(row_mask.unsqueeze(0), views, zero)
-            view_lp = label_logprob(views, labels.expand(views.shape[:-1]), mask,
+            views = torch.where(scored.unsqueeze(-1).unsqueeze(0), views, zero)
+            view_lp = label_logprob(views, labels.expand(views.shape[:-1]), scored,
                                     cfg.view_temperature)
-        w = agreement_weights(view_lp, mask, cfg)
+        w = agreement_weights(view_lp, mask, cfg, view_mask)
     else:
         w = mask.to(dtype)
     m = mask.to(dtype)

@@ -150,6 +150,24 @@ class Inputs:
                 self.tensor("negative_logprobs", negative_logprobs, (self.B, self.T), "(B, T)")
         return out
 
+    def view_mask(self, cfg, view_mask, given_support: bool):
+        """view_mask: None, or a (B, T) bool tensor (the positions the views scored), only
+        with agreement and a dense teacher."""
+        if view_mask is None:
+            return
+        if cfg.agreement == "none":
+            raise ValueError("view_mask is only accepted with agreement='token' or 'sequence'")
+        if given_support or cfg.topk is not None:
+            raise ValueError("view_mask is not supported with a sparse support (config.topk "
+                             "or teacher_indices)")
+        if not isinstance(view_mask, torch.Tensor) or view_mask.dtype != torch.bool:
+            raise TypeError(f"view_mask must be a torch.bool tensor, got "
+                            f"{getattr(view_mask, 'dtype', type(view_mask).__name__)}")
+        if tuple(view_mask.shape) != (self.B, self.T):
+            raise ValueError(f"view_mask must have shape (B, T) = {(self.B, self.T)}, got "
+                             f"{tuple(view_mask.shape)}")
+        self.same_device("view_mask", view_mask)
+
     def num_items(self, cfg, n, check_value: bool):
         """num_items_in_batch: a finite number > 0, or a one-element tensor holding one
         (its value checked here only when ``check_value``)."""
@@ -242,7 +260,8 @@ def validate_support(cfg, inputs, V, labels, teacher_indices, teacher_logprobs,
 
 def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
-                    num_items_in_batch, given_support: bool = False):
+                    num_items_in_batch, given_support: bool = False,
+                    view_mask=None):
     """Check every input of ``unisd_loss`` against the config; returns the views as a list
     (or None). ``given_support``: the teacher is a given sparse support, teacher_logits must
     be None."""
@@ -258,6 +277,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
     views = inputs.options(cfg, ("view_logits", view_logits), view_logprobs,
                            ("negative_logits", negative_logits), negative_logprobs,
                            last=V, last_name="V")
+    inputs.view_mask(cfg, view_mask, given_support)
     if cfg.feature_weight > 0:
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("feature_weight > 0 needs student_hidden and teacher_hidden "
@@ -272,7 +292,8 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
 def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, teacher_weight,
                            labels, student_bias, teacher_bias, view_hidden, view_logprobs,
                            negative_hidden, negative_logprobs, logit_softcap, logit_scale,
-                           num_items_in_batch, chunk_bytes, given_support: bool = False):
+                           num_items_in_batch, chunk_bytes, given_support: bool = False,
+                           view_mask=None):
     """Check every input of ``unisd_linear_loss`` against the config. Returns the views as a
     list (or None), the soft-cap and the scale as floats (or None). ``given_support``: the
     teacher is a given sparse support; its hidden states and head are then optional (only
@@ -316,6 +337,7 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
                            ("negative_hidden", negative_hidden), negative_logprobs,
                            last=Ht, last_name="Ht", dtype=teacher_weight.dtype,
                            dtype_of="teacher_weight")
+    inputs.view_mask(cfg, view_mask, given_support)
     if cfg.feature_weight > 0 and Ht != H:
         raise ValueError(f"feature_weight > 0 needs teacher_hidden with the student's hidden "
                          f"size H={H}, got Ht={Ht}")

@@ -340,3 +340,45 @@ def test_importing_unisd_fast_does_not_import_trl():
         "assert 'trl' not in sys.modules, 'trl imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_adaptive_agreement_scores_the_selected_rows_only(base, data, tmp_path):
+    """unisd_agreement_coverage < 1: both loss paths give the loss of full-length views of
+    every row under the view mask of the rows selected from the divergence."""
+    from unisd_fast import select_view_rows
+
+    options = dict(COMMON, output_dir=str(tmp_path), unisd_preset="unisd_star",
+                   unisd_agreement_gamma=1.0, unisd_agreement_coverage=0.5,
+                   unisd_num_views=3, teacher_model_kind="base")
+    model, tokenizer = model_of(base), tiny_tokenizer(base)
+    trainers = [UniSDSDFTTrainer(model, UniSDSDFTConfig(**options, unisd_loss_path=path),
+                                 train_dataset=data, processing_class=tokenizer)
+                for path in ("logits", "linear")]
+    perturb(model)
+    model.train()
+    batch = trainers[0]._prepare_training_batch([data[i] for i in (0, 0, 1, 1)])
+    logits, linear = (loss_and_grads(t, model, batch) for t in trainers)
+    assert_same(linear, logits)
+
+    t, cfg = trainers[0], trainers[0].unisd_config
+    labels = batch["completion_ids"].masked_fill(t.loss_mask(batch["completion_mask"]) == 0,
+                                                 -100)
+    T, teacher = labels.size(1), t.teacher_model
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    z, h, _ = t._forward(model, ids, mask, T, True, True)
+    with torch.no_grad(), t.teacher_context():
+        u, uh, _ = t._forward(teacher, batch["teacher_input_ids"],
+                              batch["teacher_attention_mask"], T, True, True)
+        v_ids, v_mask = batch["unisd_view_input_ids"], batch["unisd_view_attention_mask"]
+        views = torch.stack([t._forward(teacher, v_ids[:, k], v_mask[:, k], T, True, False)[0]
+                             for k in range(3)])
+        n = t._forward(teacher, batch["unisd_negative_input_ids"],
+                       batch["unisd_negative_attention_mask"], T, True, False)[0]
+    plain = unisd_loss(z.detach(), u, labels, config=cfg.replace(
+        agreement="none", agreement_coverage=1.0, contrastive_weight=0.0, feature_weight=0.0))
+    sel = select_view_rows(plain.token_divergence, labels != -100, 0.5, cfg.normalize)
+    assert 0 < len(sel.rows) < 4
+    out = unisd_loss(z, u, labels, view_logits=views, negative_logits=n, student_hidden=h,
+                     teacher_hidden=uh, config=cfg, view_mask=sel.view_mask)
+    torch.testing.assert_close(logits[0], out.loss.detach() / 2, rtol=1e-5, atol=1e-7)

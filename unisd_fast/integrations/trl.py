@@ -15,7 +15,7 @@ import random
 import torch
 from accelerate.logging import get_logger
 
-from .. import LinearHead, label_logprobs, unisd_linear_loss, unisd_loss
+from .. import LinearHead, label_logprobs, select_view_rows, unisd_linear_loss, unisd_loss
 from .trl_batch import other_contexts, stack_left_padded, step_token_counts
 from .trl_compat import SUPPORTED_TRL, SDFTBridge
 from .trl_config import UniSDSDFTConfig, divergence_of_alpha
@@ -214,13 +214,59 @@ class UniSDSDFTTrainer(SDFTBridge):
             return loss * scale
         return loss / self.current_gradient_accumulation_steps
 
+    def _adaptive(self) -> bool:
+        cfg = self.unisd_config
+        return cfg.needs_views and cfg.agreement_coverage < 1.0
+
+    def _plain_config(self):
+        """The loss config whose only term is the unweighted divergence: its per-token
+        values choose the rows the views score (adaptive agreement)."""
+        return self.unisd_config.replace(
+            agreement="none", agreement_coverage=1.0, clip=None, clip_quantile=None,
+            contrastive_weight=0.0, feature_weight=0.0, kd_weight=1.0)
+
+    def _selected_views(self, inputs, labels, divergence, teacher_hidden):
+        """Adaptive agreement (docs/losses.md): the K views scored on the rows holding
+        ``agreement_coverage`` of the divergence mass, truncated after their last
+        completion position; every process selects as many rows as the one with most, so
+        all run the same forwards. Returns the loss's view inputs and ``view_mask``: view
+        hidden states (K, B, T, H) when ``teacher_hidden`` is given, else label log-probs
+        (K, B, T) (zero where not scored)."""
+        cfg, teacher = self.unisd_config, self.teacher_model
+        mask = labels != cfg.ignore_index
+        sel = select_view_rows(divergence, mask, cfg.agreement_coverage, cfg.normalize)
+        count = torch.tensor([len(sel.rows)], device=labels.device)
+        agreed = int(self.accelerator.gather(count).max())
+        if agreed > len(sel.rows):
+            sel = select_view_rows(divergence, mask, cfg.agreement_coverage, cfg.normalize,
+                                   at_least=agreed)
+        ids, attn = inputs["unisd_view_input_ids"], inputs["unisd_view_attention_mask"]
+        (B, K, L), T, n = ids.shape, labels.size(1), max(sel.length, 1)
+        ids = ids[sel.rows, :, : L - T + n].transpose(0, 1)
+        attn = attn[sel.rows, :, : L - T + n].transpose(0, 1)
+        rows = len(sel.rows)
+        if teacher_hidden is None:
+            views = torch.zeros(K, B, T, dtype=torch.float32, device=labels.device)
+            for k in range(K if rows else 0):
+                out = self._forward(teacher, ids[k], attn[k], n, True, False)[0]
+                views[k, sel.rows, :n] = self._label_logprobs(
+                    out, labels[sel.rows, :n], cfg.view_temperature)
+            return {"view_logprobs": views, "view_mask": sel.view_mask}
+        views = teacher_hidden.new_zeros(K, B, T, teacher_hidden.size(-1))
+        if rows:
+            hidden = self._forward(teacher, ids.flatten(0, 1), attn.flatten(0, 1), n, False,
+                                   True)[1]
+            views[:, sel.rows, :n] = hidden.unflatten(0, (K, rows)).to(views.dtype)
+        return {"view_hidden": views, "view_mask": sel.view_mask}
+
     def _views_and_negative(self, inputs, length: int, logits: bool):
         """The teacher's outputs on the K views, (K, B, T, ...), and on the negative,
         (B, T, ...): logits when ``logits`` else last hidden states; None where the config
-        needs none. Run under no_grad and the teacher context."""
+        needs none (or the views are chosen adaptively). Run under no_grad and the teacher
+        context."""
         cfg, teacher = self.unisd_config, self.teacher_model
         views = negative = None
-        if cfg.needs_views:
+        if cfg.needs_views and not self._adaptive():
             ids, mask = inputs["unisd_view_input_ids"], inputs["unisd_view_attention_mask"]
             if logits:  # one view at a time: each holds B x T x V logits
                 views = [
@@ -257,6 +303,12 @@ class UniSDSDFTTrainer(SDFTBridge):
                 cfg.needs_hidden,
             )
             views, negative = self._views_and_negative(inputs, length, logits=True)
+            if self._adaptive():
+                divergence = unisd_loss(
+                    student_logits.detach(), teacher_logits, labels,
+                    config=self._plain_config(), num_items_in_batch=items,
+                    impl=self.args.unisd_impl).token_divergence
+                extra.update(self._selected_views(inputs, labels, divergence, None))
             if views is not None:
                 extra["view_logprobs"] = torch.stack(
                     [self._label_logprobs(v, labels, cfg.view_temperature) for v in views]
@@ -301,22 +353,21 @@ class UniSDSDFTTrainer(SDFTBridge):
             views, negative = self._views_and_negative(inputs, length, logits=False)
         # Hidden states in their head's dtype (under autocast they may differ from it).
         as_teacher = lambda h: None if h is None else h.to(teacher.weight.dtype)
+        heads = dict(student_bias=student.bias, teacher_bias=teacher.bias,
+                     logit_softcap=student.softcap, logit_scale=student.scale,
+                     num_items_in_batch=items, impl=self.args.unisd_impl)
+        hs, ht = student_hidden.to(student.weight.dtype), as_teacher(teacher_hidden)
+        extra = {"view_hidden": as_teacher(views)}
+        if self._adaptive():
+            with torch.no_grad():
+                divergence = unisd_linear_loss(
+                    hs.detach(), student.weight, ht, teacher.weight, labels,
+                    config=self._plain_config(), **heads).token_divergence
+                with self.teacher_context():
+                    extra = self._selected_views(inputs, labels, divergence, ht)
         return unisd_linear_loss(
-            student_hidden.to(student.weight.dtype),
-            student.weight,
-            as_teacher(teacher_hidden),
-            teacher.weight,
-            labels,
-            student_bias=student.bias,
-            teacher_bias=teacher.bias,
-            view_hidden=as_teacher(views),
-            negative_hidden=as_teacher(negative),
-            logit_softcap=student.softcap,
-            logit_scale=student.scale,
-            config=self.unisd_config,
-            num_items_in_batch=items,
-            impl=self.args.unisd_impl,
-        )
+            hs, student.weight, ht, teacher.weight, labels,
+            negative_hidden=as_teacher(negative), config=self.unisd_config, **heads, **extra)
 
     def _log_unisd(self, training: bool, out, loss_mask):
         tokens = loss_mask.sum().clamp(min=1).to(torch.float32)

@@ -20,6 +20,7 @@ OPTION_FIELDS = {
     "unisd_agreement_cap": "agreement_cap",
     "unisd_agreement_floor": "agreement_floor",
     "unisd_agreement_stat": "agreement_stat",
+    "unisd_agreement_coverage": "agreement_coverage",
     "unisd_view_temperature": "view_temperature",
     "unisd_contrastive_weight": "contrastive_weight",
     "unisd_contrastive_margin": "contrastive_margin",
@@ -106,6 +107,13 @@ class UniSDSDFTConfig(SDFTConfig):
     unisd_agreement_cap: float | None = field(default=None, **_help("Cap of d_i / scale."))
     unisd_agreement_floor: float | None = field(default=None, **_help("Least token weight."))
     unisd_agreement_stat: str | None = field(default=None, **_help("'var' or 'range'."))
+    unisd_agreement_coverage: float | None = field(
+        default=None,
+        **_help(
+            "Adaptive agreement: the views score only the sequences holding this share of "
+            "the batch's divergence mass (1 = every sequence); the others weigh 1."
+        ),
+    )
     unisd_view_temperature: float | None = field(
         default=None, **_help("Temperature at which views score the completion tokens.")
     )

@@ -49,20 +49,25 @@ def clip_threshold(d, mask, cfg):
     return None
 
 
-def agreement_weights(view_lp, mask, cfg):
-    """Agreement weights (B, T) from view label log-probs (K, B, T); 0 on ignored tokens."""
+def agreement_weights(view_lp, mask, cfg, view_mask=None):
+    """Agreement weights (B, T) from view label log-probs (K, B, T); 0 on ignored tokens.
+    ``view_mask`` (B, T): the positions the views scored (None: all); the others weigh 1
+    and take no part in the scale s (token) or in the sequence means (sequence), and a
+    sequence with no scored position weighs 1."""
+    scored = mask if view_mask is None else mask & view_mask
     if cfg.agreement == "token":
         d = disagreement(view_lp, cfg.agreement_stat, unbiased=True)
-        s = torch.clamp(masked_quantile(d, mask, cfg.agreement_quantile),
+        s = torch.clamp(masked_quantile(d, scored, cfg.agreement_quantile),
                         min=AGREEMENT_SCALE_FLOOR)
         ratio = torch.clamp(d / s, max=cfg.agreement_cap)
         w = torch.clamp(1.0 / (1.0 + cfg.agreement_gamma * ratio), min=cfg.agreement_floor)
+        w = torch.where(scored, w, 1.0)
     else:
-        m = mask.to(view_lp.dtype)
+        m = scored.to(view_lp.dtype)
         mu = (view_lp * m).sum(-1) / torch.clamp(m.sum(-1), min=1.0)
         d = disagreement(mu, cfg.agreement_stat, unbiased=False)
         w = torch.clamp(torch.exp(-cfg.agreement_gamma * d), min=SEQUENCE_WEIGHT_FLOOR)
-        w = w.unsqueeze(-1).expand_as(mask)
+        w = torch.where(scored.any(-1), w, 1.0).unsqueeze(-1).expand_as(mask)
     return torch.where(mask, w, 0.0)
 
 
@@ -75,13 +80,14 @@ class RowScales(NamedTuple):
     token: torch.Tensor
 
 
-def row_scales(mask, cfg, view_lp, num_items_in_batch) -> RowScales:
+def row_scales(mask, cfg, view_lp, num_items_in_batch, view_mask=None) -> RowScales:
     """Agreement weights and normalisers (B, T): they depend on the labels and views only."""
     m = mask.float()
     token = token_scale(m, cfg.normalize, num_items_in_batch)
     if cfg.agreement == "none":
         return RowScales(m, token, token)
-    w = agreement_weights(torch.where(mask, view_lp.float(), 0.0), mask, cfg)
+    scored = mask if view_mask is None else mask & view_mask
+    w = agreement_weights(torch.where(scored, view_lp.float(), 0.0), mask, cfg, view_mask)
     return RowScales(w, token_scale(w, cfg.normalize, num_items_in_batch), token)
 
 
@@ -147,11 +153,13 @@ class Coefficients:
 
 
 def combine(stats: RowStats, mask: torch.Tensor, cfg: UniSDConfig, view_lp, negative_lp,
-            student_hidden, teacher_hidden, num_items_in_batch) -> Coefficients:
-    """From the row stats and the views' and negative's label log-probs to the loss and the
-    per-row gradient coefficients. Length-N work only; no host sync."""
+            student_hidden, teacher_hidden, num_items_in_batch,
+            view_mask=None) -> Coefficients:
+    """From the row stats and the views' and negative's label log-probs (scored where
+    ``view_mask``, None: everywhere) to the loss and the per-row gradient coefficients.
+    Length-N work only; no host sync."""
     d = stats.divergence
-    scales = row_scales(mask, cfg, view_lp, num_items_in_batch)
+    scales = row_scales(mask, cfg, view_lp, num_items_in_batch, view_mask)
     c = clip_threshold(d, mask, cfg)
     b_lab = torch.where(mask, negative_lp.float(), 0.0) if cfg.contrastive_weight > 0 else None
     rows = row_coefficients(d, stats.student_label, stats.teacher_label, b_lab, mask, c,

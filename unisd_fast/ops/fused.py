@@ -36,6 +36,7 @@ class FusedCall:
     num_items_in_batch: float | torch.Tensor | None = None
     inplace_backward: bool = False
     needs_grad: bool = True
+    view_mask: torch.Tensor | None = None
 
 
 def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):
@@ -104,7 +105,7 @@ class UniSDFunction(torch.autograd.Function):
             stats, grad_rows, finite = found
         view_lp, negative_lp = scored_options(call)
         out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden,
-                      call.teacher_hidden, call.num_items_in_batch)
+                      call.teacher_hidden, call.num_items_in_batch, call.view_mask)
 
         ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats, out.ck,
                               out.cc, out.hidden_grad, grad_rows)
@@ -148,7 +149,7 @@ def unit_stride(x):
 def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
                 config: UniSDConfig, views=None, view_logprobs=None, negative_logits=None,
                 negative_logprobs=None, student_hidden=None, teacher_hidden=None,
-                num_items_in_batch=None, inplace_backward=False, first=None):
+                num_items_in_batch=None, inplace_backward=False, first=None, view_mask=None):
     """Run UniSDFunction; returns its seven outputs (loss, kd, contrastive, feature, D, w,
     clipped). Tensors whose last dimension is strided are made contiguous first. ``first``,
     a function ``(FusedCall, student_logits, student_hidden) -> outputs or None``, is tried
@@ -161,7 +162,8 @@ def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
         view_logprobs=view_logprobs, negative_logits=unit_stride(negative_logits),
         negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
         num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward,
-        needs_grad=torch.is_grad_enabled() and student_logits.requires_grad)
+        needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+        view_mask=view_mask)
     z = unit_stride(student_logits)
     found = None if first is None else first(call, z, student_hidden)
     return found if found is not None else UniSDFunction.apply(z, student_hidden, call)

@@ -420,9 +420,11 @@ def scatter_rows(values: torch.Tensor, index: torch.Tensor, N: int, dim: int = -
 
 
 def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,
-                student_hidden, teacher_hidden, num_items_in_batch) -> LinearResult:
+                student_hidden, teacher_hidden, num_items_in_batch,
+                view_mask=None) -> LinearResult:
     """The whole fused-linear loss. ``shape`` = (B, T); ``view_rows`` a list of K (N, Ht)
-    tensors or None (then ``view_lp`` (K, B, T)); likewise the negative.
+    tensors or None (then ``view_lp`` (K, B, T)); likewise the negative. ``view_mask``
+    (B, T): the positions the views scored (None: all); only those view rows meet a head.
 
     Only the rows whose label is not ignored are multiplied by a head (an ignored row has
     zero loss and gradient). Views and negative are scored first, so that every per-row
@@ -432,7 +434,8 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
     N = call.labels.shape[0]
     mask = call.labels != cfg.ignore_index
     index, view_lp, negative_lp, scales, b_lab = scored_rows(
-        call, shape, view_rows, view_lp, negative_rows, negative_lp, num_items_in_batch)
+        call, shape, view_rows, view_lp, negative_rows, negative_lp, num_items_in_batch,
+        view_mask)
     stats = torch.zeros(N_STATS, index.shape[0], dtype=torch.float32, device=index.device)
     acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
@@ -445,32 +448,38 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
 
     all_rows = RowStats(*scatter_rows(stats, index, N).view(N_STATS, *shape))
     terms = combine(all_rows, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
-                    teacher_hidden, num_items_in_batch)
+                    teacher_hidden, num_items_in_batch, view_mask)
     return linear_result(call, terms, acc, index, student_hidden)
 
 
 def scored_rows(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,
-                num_items_in_batch):
+                num_items_in_batch, view_mask=None):
     """What the chunk pass needs before it starts: the kept rows ``index``, the views' and
-    negative's label log-probs (scored through the teacher head where not given), the
-    kept rows' ``RowScales`` and negative label log-probs (None without contrastive term)."""
+    negative's label log-probs (scored through the teacher head where not given; the views
+    only where ``view_mask``, None: everywhere), the kept rows' ``RowScales`` and negative
+    label log-probs (None without contrastive term)."""
     cfg = call.config
     N = call.labels.shape[0]
     mask = call.labels != cfg.ignore_index
     index = mask.nonzero().squeeze(1)
-    groups = []
+    view_index = index if view_mask is None else (mask & view_mask.reshape(N)).nonzero()[:, 0]
+    jobs = []  # (rows, groups): views and negative in one sweep when they share their rows
     if cfg.agreement != "none" and view_lp is None:
-        groups.append((view_rows, cfg.view_temperature))
+        jobs.append((view_index, [(view_rows, cfg.view_temperature)]))
     if cfg.contrastive_weight > 0 and negative_lp is None:
-        groups.append(([negative_rows], cfg.temperature))
-    scored = [scatter_rows(x, index, N) for x in score_rows(call, index, groups)] \
-        if groups else []
+        negative = ([negative_rows], cfg.temperature)
+        if jobs and view_mask is None:
+            jobs[0][1].append(negative)
+        else:
+            jobs.append((index, [negative]))
+    scored = [scatter_rows(x, rows, N) for rows, groups in jobs
+              for x in score_rows(call, rows, groups)]
     if cfg.agreement != "none" and view_lp is None:
         view_lp = scored.pop(0).view(-1, *shape)
     if cfg.contrastive_weight > 0 and negative_lp is None:
         negative_lp = scored.pop(0).view(shape)
     scales = co.RowScales(*(s.reshape(-1)[index] for s in co.row_scales(
-        mask.view(shape), cfg, view_lp, num_items_in_batch)))
+        mask.view(shape), cfg, view_lp, num_items_in_batch, view_mask)))
     b_lab = negative_lp.reshape(-1)[index].float() if cfg.contrastive_weight > 0 else None
     return index, view_lp, negative_lp, scales, b_lab
 

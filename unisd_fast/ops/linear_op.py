@@ -44,6 +44,7 @@ class LinearOpArgs:
     labels: torch.Tensor
     view_hidden: list[torch.Tensor]
     view_logprobs: torch.Tensor | None
+    view_mask: torch.Tensor | None
     negative_hidden: torch.Tensor | None
     negative_logprobs: torch.Tensor | None
     num_items_tensor: torch.Tensor | None
@@ -121,7 +122,7 @@ def linear_loss_op(*args):
             call, (B, T), [v.reshape(N, v.shape[-1]) for v in a.view_hidden], a.view_logprobs,
             None if negative is None else negative.reshape(N, negative.shape[-1]),
             a.negative_logprobs, hs, ht,
-            a.num_items if a.num_items_tensor is None else a.num_items_tensor)
+            a.num_items if a.num_items_tensor is None else a.num_items_tensor, a.view_mask)
     t = result.terms
     none = hs.new_empty(0)
     return tuple(LinearOpOutputs(

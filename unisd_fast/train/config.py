@@ -47,6 +47,8 @@ LOSS_HELP = {
     "agreement_cap": "cap of the scaled disagreement in the agreement weight",
     "agreement_floor": "lower bound of the agreement weight",
     "agreement_stat": "disagreement statistic over the views",
+    "agreement_coverage": "adaptive agreement: views score only the sequences holding this "
+    "share of the divergence mass (1 = all)",
     "view_temperature": "temperature of the view log-probs",
     "contrastive_weight": "weight of the contrastive hinge (0 = off)",
     "contrastive_margin": "margin of the contrastive hinge",

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import LinearHead
-from .distributed import Parallel, all_reduce_sum, gradient_sync, unwrap
+from .distributed import Parallel, all_reduce_max, all_reduce_sum, gradient_sync, unwrap
 from .rollout import generate, right_pad
 from .teachers import Runner, Scorer, completion_hidden, lm_head
 from .tensor_parallel import vocab_shards
@@ -80,7 +80,7 @@ def _teacher_scores(ctx, setup: StepSetup, micro: Micro, labels):
         head = lm_head(model)
         prompts = [it.teacher for it in items]
         out = {"hidden": completion_hidden(model, prompts, y, mask, ctx.pad_id)}
-        if loss_cfg.needs_views:
+        if loss_cfg.needs_views and not adaptive(loss_cfg):
             rows = setup.views(micro.positions)
             v = completion_hidden(model, rows, y, mask, ctx.pad_id)
             out["views"] = v.view(cfg.num_views, len(items), *v.shape[1:])
@@ -100,15 +100,86 @@ def _teacher_scores(ctx, setup: StepSetup, micro: Micro, labels):
         return model(score) if isinstance(model, Runner) else score(model)
 
 
+def adaptive(loss_cfg) -> bool:
+    """Adaptive agreement: the views score only the sequences holding the config's
+    ``agreement_coverage`` of the divergence mass (docs/losses.md, "Adaptive agreement")."""
+    return loss_cfg.needs_views and loss_cfg.agreement_coverage < 1.0
+
+
+def _divergence(ctx, setup: StepSetup, labels, hidden, head: LinearHead, scores, num_items):
+    """The per-token divergence D (B, T) of the student's ``hidden`` to the teacher, without
+    gradient: the loss with agreement and every other term off."""
+    from .. import unisd_linear_loss, unisd_loss
+
+    plain = setup.loss_cfg.replace(
+        agreement="none", agreement_coverage=1.0, clip=None, clip_quantile=None,
+        contrastive_weight=0.0, feature_weight=0.0, kd_weight=1.0)
+    with torch.no_grad():
+        if setup.loss_path != "linear":
+            return unisd_loss(head.logits(hidden), scores["logits"], labels, config=plain,
+                              num_items_in_batch=num_items,
+                              impl=ctx.cfg.loss_impl).token_divergence
+        t_head: LinearHead = scores.get("head", head)
+        return unisd_linear_loss(
+            hidden.detach(), head.weight, scores["hidden"], t_head.weight, labels,
+            student_bias=head.bias, teacher_bias=t_head.bias, logit_softcap=head.softcap,
+            logit_scale=head.scale, config=plain, num_items_in_batch=num_items,
+            impl=ctx.cfg.loss_impl).token_divergence
+
+
+def adaptive_views(ctx, setup: StepSetup, micro: Micro, divergence, teacher_hidden,
+                   model) -> dict:
+    """The K views scored on the selected sequences only, each view forward stopping after
+    the last completion position of those sequences; called inside the student's root
+    forward (``model``: the student's inner model, used itself for a shared teacher). Under
+    FSDP every rank selects as many rows as the rank with most (its next by mass), so all
+    ranks run the same forwards. Returns the views (hidden states (K, B, T, Ht), or their
+    teacher logits on the logits path; zero hidden states where not scored), the view mask
+    and the view-forward token counts."""
+    from .. import select_view_rows
+
+    loss_cfg, K = setup.loss_cfg, ctx.cfg.num_views
+    B, T = micro.mask.shape
+    sel = select_view_rows(divergence, micro.mask, loss_cfg.agreement_coverage,
+                           loss_cfg.normalize)
+    if setup.par.mode == "fsdp":
+        agreed = int(all_reduce_max(float(len(sel.rows)), setup.par, ctx.device))
+        sel = select_view_rows(divergence, micro.mask, loss_cfg.agreement_coverage,
+                               loss_cfg.normalize, at_least=agreed)
+    rows, length = sel.rows.tolist(), max(sel.length, 1)
+    full_prompts = setup.views(micro.positions)
+    counts = {"view_tokens_full": float(K * B * (max(map(len, full_prompts)) + T)),
+              "view_tokens": 0.0, "covered": sel.covered * B}
+    views = teacher_hidden.new_zeros(K, B, T, teacher_hidden.shape[-1])
+    if rows:
+        prompts = setup.views([micro.positions[r] for r in rows])
+        counts["view_tokens"] = float(K * len(rows) * (max(map(len, prompts)) + length))
+        y, mask = micro.completion[sel.rows, :length], micro.mask[sel.rows, :length]
+        with setup.teacher.active() as teacher:
+            target = model if teacher is unwrap(setup.runner) else teacher
+            scored = completion_hidden(target, prompts, y, mask, ctx.pad_id)
+        views[:, sel.rows, :length] = scored.view(K, len(rows), length, -1).to(views.dtype)
+    if setup.loss_path != "linear":
+        with setup.teacher.active() as teacher:
+            inner = teacher.model if isinstance(teacher, Runner) else teacher
+            views = lm_head(model if teacher is unwrap(setup.runner) else inner).logits(views)
+    return {"views": views, "view_mask": sel.view_mask, "counts": counts}
+
+
 def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items):
     """The student's forward and the loss, as one function run inside the root forward."""
     cfg, loss_cfg = ctx.cfg, setup.loss_cfg
     prompts = [it.student for it in micro.items]
     feature = loss_cfg.needs_hidden
+    found = {}
 
     def loss_of(model):
         hidden = completion_hidden(model, prompts, micro.completion, micro.mask, ctx.pad_id)
         head = lm_head(model)
+        if adaptive(loss_cfg):
+            d = _divergence(ctx, setup, labels, hidden, head, scores, num_items)
+            found.update(adaptive_views(ctx, setup, micro, d, scores["hidden"], model))
+            scores["views"] = found.pop("views")
         if setup.loss_path == "linear":
             from .. import unisd_linear_loss
 
@@ -132,6 +203,7 @@ def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items
                 num_items_in_batch=num_items,
                 impl=cfg.loss_impl,
                 vocab_parallel=group,
+                view_mask=found.get("view_mask"),
             )
         else:
             from .. import unisd_loss
@@ -147,10 +219,12 @@ def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items
                 config=loss_cfg,
                 num_items_in_batch=num_items,
                 impl=cfg.loss_impl,
+                view_mask=found.get("view_mask"),
             )
         return out.loss, out
 
-    return setup.runner(loss_of)
+    loss, out = setup.runner(loss_of)
+    return loss, out, found.get("counts", {})
 
 
 def distill_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
@@ -158,11 +232,12 @@ def distill_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
     ignore = setup.loss_cfg.ignore_index
     labels = torch.where(micro.mask, micro.completion, torch.full_like(micro.completion, ignore))
     scores = _teacher_scores(ctx, setup, micro, labels)
-    loss, out = _distill_loss(ctx, setup, micro, labels, scores, norm["num_items"])
+    loss, out, counts = _distill_loss(ctx, setup, micro, labels, scores, norm["num_items"])
     share = norm["share"](micro)
     (loss * share * setup.par.data_world).backward()
     m = micro.mask.float()
     return {
+        **counts,
         "loss": (out.loss.detach() * share).item(),
         "kd": (out.kd * share).item(),
         "contrastive": (out.contrastive * share).item(),
@@ -198,8 +273,10 @@ def normaliser(ctx, setup: StepSetup, micros: list[Micro]) -> dict:
     local = [sum(float(m.mask.sum()) for m in micros), float(sum(len(m.items) for m in micros))]
     tokens, sequences = all_reduce_sum(local, setup.par, ctx.device)
     if setup.loss_cfg is not None and setup.loss_cfg.normalize == "token":
-        return {"num_items": max(tokens, 1.0), "share": lambda m: 1.0, "tokens": tokens}
-    return {"num_items": None, "share": lambda m: len(m.items) / sequences, "tokens": tokens}
+        return {"num_items": max(tokens, 1.0), "share": lambda m: 1.0, "tokens": tokens,
+                "sequences": sequences}
+    return {"num_items": None, "share": lambda m: len(m.items) / sequences, "tokens": tokens,
+            "sequences": sequences}
 
 
 def accumulate(ctx, setup: StepSetup, micro_batches: list[tuple[list[int], list]]) -> dict:
@@ -221,6 +298,9 @@ def accumulate(ctx, setup: StepSetup, micro_batches: list[tuple[list[int], list]
     if "weight_sum" in totals:
         record["mean_weight"] = totals["weight_sum"] / max(norm["tokens"], 1.0)
         record["clipped_frac"] = totals["clipped_sum"] / max(norm["tokens"], 1.0)
+    if "view_tokens" in totals:
+        record["view_token_frac"] = totals["view_tokens"] / max(totals["view_tokens_full"], 1.0)
+        record["covered"] = totals["covered"] / max(norm["sequences"], 1.0)
     record["tokens"] = int(norm["tokens"])
     return record
 
