@@ -25,6 +25,7 @@ import torch
 
 from .. import LinearHead
 from .distributed import Parallel, all_reduce_max, all_reduce_sum, gradient_sync, unwrap
+from .phases import PhaseTimer, phase
 from .rollout import generate, right_pad
 from .teachers import Runner, Scorer, completion_hidden, lm_head
 from .tensor_parallel import vocab_shards
@@ -52,6 +53,7 @@ class StepSetup:
     loss_path: str = "linear"
     sampler: object = None
     views: object = None
+    timer: PhaseTimer | None = None
 
 
 def sample(ctx, setup: StepSetup, positions: list[int], items: list) -> Micro:
@@ -63,7 +65,7 @@ def sample(ctx, setup: StepSetup, positions: list[int], items: list) -> Micro:
     if setup.loss_cfg is None:
         y, mask = right_pad([it.gold for it in items], ctx.pad_id, ctx.device)
         return Micro(positions, items, y, mask)
-    with Scorer(unwrap(setup.runner)).active() as model:
+    with Scorer(unwrap(setup.runner)).active() as model, phase(setup.timer, "sampling"):
         y, mask = generate(model, [it.student for it in items], ctx.sampling, ctx.device)
     return Micro(positions, items, y, mask)
 
@@ -79,14 +81,17 @@ def _teacher_scores(ctx, setup: StepSetup, micro: Micro, labels):
     def score(model):
         head = lm_head(model)
         prompts = [it.teacher for it in items]
-        out = {"hidden": completion_hidden(model, prompts, y, mask, ctx.pad_id)}
+        with phase(setup.timer, "teacher"):
+            out = {"hidden": completion_hidden(model, prompts, y, mask, ctx.pad_id)}
         if loss_cfg.needs_views and not adaptive(loss_cfg):
-            rows = setup.views(micro.positions)
-            v = completion_hidden(model, rows, y, mask, ctx.pad_id)
+            with phase(setup.timer, "views"):
+                rows = setup.views(micro.positions)
+                v = completion_hidden(model, rows, y, mask, ctx.pad_id)
             out["views"] = v.view(cfg.num_views, len(items), *v.shape[1:])
         if loss_cfg.needs_negative:
             negatives = [it.negative for it in items]
-            out["negative"] = completion_hidden(model, negatives, y, mask, ctx.pad_id)
+            with phase(setup.timer, "negative"):
+                out["negative"] = completion_hidden(model, negatives, y, mask, ctx.pad_id)
         if not linear:
             out["logits"] = head.logits(out["hidden"])
             for key in ("views", "negative"):
@@ -155,7 +160,7 @@ def adaptive_views(ctx, setup: StepSetup, micro: Micro, divergence, teacher_hidd
         prompts = setup.views([micro.positions[r] for r in rows])
         counts["view_tokens"] = float(K * len(rows) * (max(map(len, prompts)) + length))
         y, mask = micro.completion[sel.rows, :length], micro.mask[sel.rows, :length]
-        with setup.teacher.active() as teacher:
+        with setup.teacher.active() as teacher, phase(setup.timer, "views"):
             target = model if teacher is unwrap(setup.runner) else teacher
             scored = completion_hidden(target, prompts, y, mask, ctx.pad_id)
         views[:, sel.rows, :length] = scored.view(K, len(rows), length, -1).to(views.dtype)
@@ -168,63 +173,72 @@ def adaptive_views(ctx, setup: StepSetup, micro: Micro, divergence, teacher_hidd
 
 def _distill_loss(ctx, setup: StepSetup, micro: Micro, labels, scores, num_items):
     """The student's forward and the loss, as one function run inside the root forward."""
-    cfg, loss_cfg = ctx.cfg, setup.loss_cfg
+    loss_cfg = setup.loss_cfg
     prompts = [it.student for it in micro.items]
     feature = loss_cfg.needs_hidden
     found = {}
 
     def loss_of(model):
-        hidden = completion_hidden(model, prompts, micro.completion, micro.mask, ctx.pad_id)
+        with phase(setup.timer, "student_forward"):
+            hidden = completion_hidden(model, prompts, micro.completion, micro.mask, ctx.pad_id)
         head = lm_head(model)
         if adaptive(loss_cfg):
-            d = _divergence(ctx, setup, labels, hidden, head, scores, num_items)
+            with phase(setup.timer, "selection"):
+                d = _divergence(ctx, setup, labels, hidden, head, scores, num_items)
             found.update(adaptive_views(ctx, setup, micro, d, scores["hidden"], model))
             scores["views"] = found.pop("views")
-        if setup.loss_path == "linear":
-            from .. import unisd_linear_loss
-
-            t_head: LinearHead = scores.get("head", head)
-            group = setup.par.tp_group
-            if group is not None:
-                head, t_head = vocab_shards(head, t_head, group)
-            out = unisd_linear_loss(
-                hidden,
-                head.weight,
-                scores["hidden"],
-                t_head.weight,
-                labels,
-                student_bias=head.bias,
-                teacher_bias=t_head.bias,
-                view_hidden=scores.get("views"),
-                negative_hidden=scores.get("negative"),
-                logit_softcap=head.softcap,
-                logit_scale=head.scale,
-                config=loss_cfg,
-                num_items_in_batch=num_items,
-                impl=cfg.loss_impl,
-                vocab_parallel=group,
-                view_mask=found.get("view_mask"),
-            )
-        else:
-            from .. import unisd_loss
-
-            out = unisd_loss(
-                head.logits(hidden),
-                scores["logits"],
-                labels,
-                view_logits=scores.get("views"),
-                negative_logits=scores.get("negative"),
-                student_hidden=hidden if feature else None,
-                teacher_hidden=scores["hidden"] if feature else None,
-                config=loss_cfg,
-                num_items_in_batch=num_items,
-                impl=cfg.loss_impl,
-                view_mask=found.get("view_mask"),
-            )
-        return out.loss, out
+        with phase(setup.timer, "loss"):
+            return _loss(ctx, setup, labels, scores, num_items, hidden, head, feature,
+                         found.get("view_mask"))
 
     loss, out = setup.runner(loss_of)
     return loss, out, found.get("counts", {})
+
+
+def _loss(ctx, setup: StepSetup, labels, scores, num_items, hidden, head, feature, view_mask):
+    """The UniSD loss of the student's lm_head inputs ``hidden`` against the teacher's."""
+    cfg, loss_cfg = ctx.cfg, setup.loss_cfg
+    if setup.loss_path == "linear":
+        from .. import unisd_linear_loss
+
+        t_head: LinearHead = scores.get("head", head)
+        group = setup.par.tp_group
+        if group is not None:
+            head, t_head = vocab_shards(head, t_head, group)
+        out = unisd_linear_loss(
+            hidden,
+            head.weight,
+            scores["hidden"],
+            t_head.weight,
+            labels,
+            student_bias=head.bias,
+            teacher_bias=t_head.bias,
+            view_hidden=scores.get("views"),
+            negative_hidden=scores.get("negative"),
+            logit_softcap=head.softcap,
+            logit_scale=head.scale,
+            config=loss_cfg,
+            num_items_in_batch=num_items,
+            impl=cfg.loss_impl,
+            view_mask=view_mask,
+        )
+    else:
+        from .. import unisd_loss
+
+        out = unisd_loss(
+            head.logits(hidden),
+            scores["logits"],
+            labels,
+            view_logits=scores.get("views"),
+            negative_logits=scores.get("negative"),
+            student_hidden=hidden if feature else None,
+            teacher_hidden=scores["hidden"] if feature else None,
+            config=loss_cfg,
+            num_items_in_batch=num_items,
+            impl=cfg.loss_impl,
+            view_mask=view_mask,
+        )
+    return out.loss, out
 
 
 def distill_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
@@ -234,7 +248,8 @@ def distill_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
     scores = _teacher_scores(ctx, setup, micro, labels)
     loss, out, counts = _distill_loss(ctx, setup, micro, labels, scores, norm["num_items"])
     share = norm["share"](micro)
-    (loss * share * setup.par.data_world).backward()
+    with phase(setup.timer, "student_backward"):
+        (loss * share * setup.par.data_world).backward()
     m = micro.mask.float()
     return {
         **counts,
@@ -254,16 +269,20 @@ def sft_micro(ctx, setup: StepSetup, micro: Micro, norm: dict) -> dict:
     gold, mask = micro.completion, micro.mask
 
     def loss_of(model):
-        hidden = completion_hidden(model, prompts, gold, mask, ctx.pad_id)
-        logits = lm_head(model).logits(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold, reduction="none")
-        m = mask.float()
-        return ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        with phase(setup.timer, "student_forward"):
+            hidden = completion_hidden(model, prompts, gold, mask, ctx.pad_id)
+        with phase(setup.timer, "loss"):
+            logits = lm_head(model).logits(hidden)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold,
+                                                    reduction="none")
+            m = mask.float()
+            return ((nll * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
     loss = setup.runner(loss_of)
     share = norm["share"](micro)
-    (loss * share * setup.par.data_world).backward()
+    with phase(setup.timer, "student_backward"):
+        (loss * share * setup.par.data_world).backward()
     return {"loss": (loss.detach() * share).item()}
 
 
