@@ -39,9 +39,9 @@ PHASES = ("sampling", "teacher", "views", "negative", "selection", "student_forw
 
 def decoder_flops(m: dict, tokens: int, context_start: int = 0) -> float:
     """FLOPs of ``tokens`` consecutive decoder positions after ``context_start`` others."""
-    H, I, L = m["hidden"], m["intermediate"], m["layers"]
+    H, inter, L = m["hidden"], m["intermediate"], m["layers"]
     kv = m["kv_heads"] * H // m["heads"]
-    dense = 2 * (2 * H * H + 2 * H * kv) + 6 * H * I
+    dense = 2 * (2 * H * H + 2 * H * kv) + 6 * H * inter
     # sum of the contexts c = context_start + 1 .. context_start + tokens
     contexts = tokens * context_start + tokens * (tokens + 1) / 2
     return L * (dense * tokens + 4 * H * contexts)

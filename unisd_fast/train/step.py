@@ -206,22 +206,11 @@ def _loss(ctx, setup: StepSetup, labels, scores, num_items, hidden, head, featur
         if group is not None:
             head, t_head = vocab_shards(head, t_head, group)
         out = unisd_linear_loss(
-            hidden,
-            head.weight,
-            scores["hidden"],
-            t_head.weight,
-            labels,
-            student_bias=head.bias,
-            teacher_bias=t_head.bias,
-            view_hidden=scores.get("views"),
-            negative_hidden=scores.get("negative"),
-            logit_softcap=head.softcap,
-            logit_scale=head.scale,
-            config=loss_cfg,
-            num_items_in_batch=num_items,
-            impl=cfg.loss_impl,
-            view_mask=view_mask,
-        )
+            hidden, head.weight, scores["hidden"], t_head.weight, labels,
+            student_bias=head.bias, teacher_bias=t_head.bias, view_hidden=scores.get("views"),
+            negative_hidden=scores.get("negative"), logit_softcap=head.softcap,
+            logit_scale=head.scale, config=loss_cfg, num_items_in_batch=num_items,
+            impl=cfg.loss_impl, view_mask=view_mask)
     else:
         from .. import unisd_loss
 
