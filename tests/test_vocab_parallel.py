@@ -107,3 +107,17 @@ def test_dtensor_heads_must_be_row_sharded(one_rank_group):
     sharded = DTensor.from_local(w, mesh, (Shard(0),))
     with pytest.raises(ValueError, match="every head tensor as a DTensor"):
         unisd_linear_loss(hs, sharded, ht, wt, y, impl="torch")
+
+
+def test_benchmark_counts_the_collectives_of_the_formula(tmp_path):
+    """benchmarks/vocab_parallel.py at a tiny shape, 3 ranks: the bytes its wrapped
+    collectives carried are those of its analytic count (every collective is accounted for)."""
+    sys.path.insert(0, str(WORKER.parents[1]))
+    from benchmarks.vocab_parallel import analytic, main
+    main(["--ranks", "3", "--tokens", "8", "--vocab", "50", "--hidden", "8", "--reps", "1",
+          "--divergences", "fkl,jsd", "--out", str(tmp_path)])
+    measured = json.loads((tmp_path / "results.json").read_text())
+    for divergence in ("fkl", "jsd"):
+        expected = analytic(8, 8, 3, divergence)["total"] / 8
+        assert measured[divergence]["bytes_per_token"] == pytest.approx(expected), divergence
+    assert "| jsd |" in (tmp_path / "table.md").read_text()
