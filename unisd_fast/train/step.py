@@ -210,7 +210,7 @@ def _loss(ctx, setup: StepSetup, labels, scores, num_items, hidden, head, featur
             student_bias=head.bias, teacher_bias=t_head.bias, view_hidden=scores.get("views"),
             negative_hidden=scores.get("negative"), logit_softcap=head.softcap,
             logit_scale=head.scale, config=loss_cfg, num_items_in_batch=num_items,
-            impl=cfg.loss_impl, view_mask=view_mask)
+            impl=cfg.loss_impl, vocab_parallel=group, view_mask=view_mask)
     else:
         from .. import unisd_loss
 
