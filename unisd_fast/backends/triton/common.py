@@ -28,14 +28,18 @@ def row_offset(row, T, stride_b, stride_t):
     return (row // T) * stride_b + (row % T) * stride_t
 
 
-# float32 -> bfloat16 with round-to-nearest-even on the bit pattern: add 0x7FFF plus the
-# lowest kept bit, keep the high half. Triton's interpreter truncates in .to(bfloat16); the
-# compiled cast rounds to nearest even, so both paths give the same bits this way.
+# float32 -> bfloat16 with round-to-nearest-even. Triton's interpreter truncates in
+# .to(bfloat16): there, on the bit pattern, add 0x7FFF plus the lowest kept bit and keep the
+# high half; the compiled cast rounds to nearest even itself (one F2FP per two values), so
+# both paths give the same bits.
 @triton.jit
 def to_bf16_rne(x):
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(tl.bfloat16)
 
 
 def launch_geometry(vocab: int, max_block: int) -> tuple[int, int]:
