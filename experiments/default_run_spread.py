@@ -7,11 +7,13 @@ seeds, intra-op thread counts and ``--deterministic`` (docs/ablations.md, "The d
 ``MKL_NUM_THREADS`` set to the thread count: the base's pre-training is part of every run.
 Each run's record (student and teacher accuracy, retention perplexity and KL, the base's
 pre-training steps and seconds, wall time and the load average before and after) is
-appended to ``runs.jsonl`` as it finishes; an interrupted spread resumes from it.
+appended to ``runs.jsonl`` as it finishes (``--workers`` runs at a time); an interrupted
+spread resumes from it.
 ``spread.md`` holds one row per run and the min / median / max over all of them.
 
-The plan: every ``--seeds`` at ``--threads`` (2), then the ``--variant-seeds`` at each of
-``--variant-threads`` and, at ``--threads``, with ``--deterministic``.
+The plan: every ``--seeds`` at ``--threads`` (1: the default run's own count, OMP_NUM_THREADS
+unset), then the ``--variant-seeds`` with ``--deterministic`` at ``--threads``, then at each
+of ``--variant-threads``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,12 +43,11 @@ class Job:
 
 
 def plan(seeds, threads, variant_seeds, variant_threads) -> list[Job]:
-    """Every seed at ``threads``, then each variant seed at each variant thread count and
-    deterministic at ``threads``; no job twice."""
+    """Every seed at ``threads``, then each variant seed deterministic at ``threads``, then
+    at each variant thread count (the slowest on a busy machine last); no job twice."""
     jobs = [Job(s, threads, False) for s in seeds]
-    for s in variant_seeds:
-        jobs += [Job(s, t, False) for t in variant_threads]
-        jobs.append(Job(s, threads, True))
+    jobs += [Job(s, threads, True) for s in variant_seeds]
+    jobs += [Job(s, t, False) for t in variant_threads for s in variant_seeds]
     return list(dict.fromkeys(jobs))
 
 
@@ -92,7 +94,7 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def spread_table(records: list[dict], cmd: str) -> str:
+def spread_table(records: list[dict], cmd: str, workers: int = 1) -> str:
     """One row per run, then min / median / max of each figure over all runs."""
     cols = [
         ("student", "student", "{:.1%}"),
@@ -107,7 +109,7 @@ def spread_table(records: list[dict], cmd: str) -> str:
     head += " | load before / after |"
     lines = [
         f"Default run spread: {len(records)} runs, each a fresh process of `{cmd}`"
-        " (OMP_NUM_THREADS / MKL_NUM_THREADS = threads).",
+        f" (OMP_NUM_THREADS / MKL_NUM_THREADS = threads), {workers} at a time.",
         "",
         head,
         "|" + "---|" * (len(cols) + 5),
@@ -138,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="results/default_run", help="runs.jsonl and spread.md")
     p.add_argument("--work-dir", default="runs/default_run_spread", help="the runs' folders")
     p.add_argument("--seeds", default="0,1,2,3,4,42", help="seeds run at --threads")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads of the seed runs")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the seed runs")
     p.add_argument("--variant-seeds", default="42,0", help="seeds of the variant runs")
-    p.add_argument("--variant-threads", default="1,4", help="thread counts of the variants")
+    p.add_argument("--variant-threads", default="2,4", help="thread counts of the variants")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (each its process)")
     return p
 
 
@@ -153,21 +156,23 @@ def main(argv=None) -> int:
     )
     records = read_records(out / "runs.jsonl")
     done = {Job(r["seed"], r["threads"], r["deterministic"]) for r in records}
-    for i, job in enumerate(jobs, 1):
-        if job in done:
-            continue
-        record = run_job(job, work)
-        records.append(record)
-        with open(out / "runs.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(
-            f"[{i}/{len(jobs)}] {job.name}: student {record['student']:.1%}, teacher "
-            f"{record['teacher']:.1%}, pre-training {record['pretrain_steps']} steps, "
-            f"{record['wall_s']:.0f} s at load {record['load_before']:.1f}",
-            flush=True,
-        )
-        cmd = "python -m unisd_fast.train --overwrite --no-progress --seed S [--deterministic]"
-        (out / "spread.md").write_text(spread_table(records, cmd))
+    todo = [job for job in jobs if job not in done]
+    cmd = "python -m unisd_fast.train --overwrite --no-progress --seed S [--deterministic]"
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        running = [pool.submit(run_job, job, work) for job in todo]
+        for i, future in enumerate(as_completed(running), 1):
+            record = future.result()
+            records.append(record)
+            with open(out / "runs.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            name = Job(record["seed"], record["threads"], record["deterministic"]).name
+            print(
+                f"[{i}/{len(todo)}] {name}: student {record['student']:.1%}, teacher "
+                f"{record['teacher']:.1%}, pre-training {record['pretrain_steps']} steps, "
+                f"{record['wall_s']:.0f} s at load {record['load_before']:.1f}",
+                flush=True,
+            )
+            (out / "spread.md").write_text(spread_table(records, cmd, args.workers))
     return 0
 
 

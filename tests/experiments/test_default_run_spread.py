@@ -7,15 +7,17 @@ from experiments.default_run_spread import Job
 
 
 def test_plan_runs_every_seed_then_the_variants_once_each():
-    jobs = spread.plan([0, 1, 42], 2, [42, 0], [1, 2, 4])
-    assert jobs[:3] == [Job(0, 2, False), Job(1, 2, False), Job(42, 2, False)]
-    assert jobs[3:] == [
-        Job(42, 1, False),
-        Job(42, 4, False),
-        Job(42, 2, True),
+    jobs = spread.plan([0, 1, 42], 1, [42, 0], [1, 2, 4])
+    assert jobs == [
         Job(0, 1, False),
+        Job(1, 1, False),
+        Job(42, 1, False),
+        Job(42, 1, True),
+        Job(0, 1, True),
+        Job(42, 2, False),
+        Job(0, 2, False),
+        Job(42, 4, False),
         Job(0, 4, False),
-        Job(0, 2, True),
     ]
 
 
@@ -78,11 +80,14 @@ def test_main_resumes_from_the_recorded_runs(tmp_path, monkeypatch):
         return record(job.seed, job.threads, job.deterministic, 0.5, 1.0, 300)
 
     monkeypatch.setattr(spread, "run_job", fake_run)
-    args = ["--output", str(out), "--seeds", "0,1", "--variant-seeds", "1"]
+    args = ["--output", str(out), "--seeds", "0,1", "--threads", "2", "--variant-seeds", "1"]
     assert spread.main([*args, "--variant-threads", "1"]) == 0
-    assert ran == [Job(1, 2, False), Job(1, 1, False), Job(1, 2, True)]
+    assert ran == [Job(1, 2, False), Job(1, 2, True), Job(1, 1, False)]
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 4 and "| seed1-t2-det |" in (out / "spread.md").read_text()
+    ran.clear()
+    assert spread.main([*args, "--variant-threads", "1,3", "--workers", "2"]) == 0
+    assert ran == [Job(1, 3, False)] and "2 at a time" in (out / "spread.md").read_text()
 
 
 def test_run_job_starts_from_an_empty_folder_with_its_thread_count(tmp_path, monkeypatch):
