@@ -1,6 +1,7 @@
 """``unisd_linear_loss(..., vocab_parallel=...)``: heads split by vocabulary rows over 2 and 3
 gloo ranks (torchrun, CPU) against the single-process loss on the gathered head and the
-float64 reference, every divergence and option (tests/vocab_parallel_worker.py runs the
+float64 reference, every divergence and option, and ``unisd_loss(..., vocab_parallel=...)``
+on logits split so against the gathered logits (tests/vocab_parallel_worker.py runs the
 cases, one launch per world size); the argument checks in one process."""
 
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from unisd_fast import UniSDConfig, unisd_linear_loss
+from unisd_fast import UniSDConfig, unisd_linear_loss, unisd_loss
 from unisd_fast.vocab_parallel import VocabParallel
 
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
@@ -95,6 +96,22 @@ def test_bad_vocab_parallel_arguments(one_rank_group):
         unisd_linear_loss(hs, w, ht, wt, y, impl="reference", vocab_parallel=one_rank_group)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
         unisd_linear_loss(hs, w, ht, wt, y + 5, impl="torch", vocab_parallel=one_rank_group)
+
+
+def test_bad_vocab_parallel_logits(one_rank_group):
+    z, u = torch.randn(1, 3, 11), torch.randn(1, 3, 11)
+    y = torch.tensor([[0, 10, 3]])
+    with pytest.raises(ValueError, match="add up to 11 rows, not vocab_size=13"):
+        unisd_loss(z, u, y, vocab_parallel=VocabParallel(one_rank_group, vocab_size=13))
+    with pytest.raises(ValueError, match="impl='reference' takes whole logits"):
+        unisd_loss(z, u, y, impl="reference", vocab_parallel=one_rank_group)
+    with pytest.raises(ValueError, match="sparse support"):
+        unisd_loss(z, u, y, config=UniSDConfig(topk=4), vocab_parallel=one_rank_group)
+    with pytest.raises(TypeError, match="student_logits must be"):
+        unisd_loss([1.0], u, y, vocab_parallel=one_rank_group)
+    whole = unisd_loss(z, u, y, impl="torch")
+    split = unisd_loss(z, u, y, impl="torch", vocab_parallel=one_rank_group)
+    torch.testing.assert_close(split.loss, whole.loss)
 
 
 def test_dtensor_heads_must_be_row_sharded(one_rank_group):

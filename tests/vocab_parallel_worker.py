@@ -1,8 +1,10 @@
 """Run under torchrun (gloo, CPU): every case of a list, each rank on its vocabulary shard of
-the heads, against the single-process ``unisd_linear_loss`` on the gathered head and the
+the heads (or, for the ``logits`` cases, of the logits), against the single-process
+``unisd_linear_loss`` on the gathered head (``unisd_loss`` on the gathered logits) and the
 float64 reference. Writes {case: {"dense": max rel error, "reference": max rel error}} (the
-max over ranks and over the loss, the (B, T) outputs, d hidden, d weight and d bias) to
-argv[1] on rank 0. Cases: argv[2:] (names of ``CASES``), every case without them."""
+max over ranks and over the loss, the (B, T) outputs, d hidden, d weight and d bias, or d
+logits) to argv[1] on rank 0. Cases: argv[2:] (names of ``CASES``), every case without
+them."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from unisd_fast import UniSDConfig, unisd_linear_loss
+from unisd_fast import UniSDConfig, unisd_linear_loss, unisd_loss
 from unisd_fast.vocab_parallel import VocabParallel
 
 B, T, H = 2, 5, 16
@@ -55,6 +57,17 @@ CASES = {
     "triton-fkl-views": dict(cfg=dict(divergence="fkl", agreement="token"), views=2,
                              impl="triton"),
     "dtensor-fkl": dict(cfg=dict(divergence="fkl"), dtensor=True, bias=True),
+    "logits-fkl": dict(cfg=dict(divergence="fkl", clip_quantile=0.5), logits=True),
+    "logits-rkl-near": dict(cfg=dict(divergence="rkl"), logits=True, near=True),
+    "logits-jsd-everything": dict(cfg=dict(divergence="jsd", agreement="token",
+                                           contrastive_weight=0.5, feature_weight=0.2),
+                                  views=2, negative=True, logits=True, grad_out=1.7),
+    "logits-bf16-sequence": dict(cfg=dict(agreement="sequence", normalize="token"), views=2,
+                                 num_items=6.0, logits=True, dtype=torch.bfloat16),
+    "logits-all-ignored": dict(cfg=dict(divergence="jsd", agreement="token"), views=2,
+                               logits=True, ignored="all"),
+    "logits-triton-jsd": dict(cfg=dict(divergence="jsd", contrastive_weight=0.5),
+                              negative=True, logits=True, impl="triton"),
 }
 
 
@@ -131,6 +144,31 @@ def loss_and_grads(inputs, case, dtype, rows: slice, vocab_parallel, impl):
     return [v.detach().double() for v in values]
 
 
+def logits_loss_and_grads(inputs, case, dtype, rows: slice, vocab_parallel, impl):
+    """``loss_and_grads`` of the logits form: the logits of the gathered heads (float64,
+    then cast to ``dtype``), the columns ``rows`` of each, and d logits of those."""
+    def logits(h, w, b=None):
+        x = h @ w.t()
+        return (x if b is None else x + b)[..., rows].to(dtype)
+
+    z = logits(inputs["hs"], inputs["ws"]).requires_grad_()
+    cfg = inputs["cfg"]
+    views, negative = inputs.get("views"), inputs.get("negative")
+    hs, ht = inputs["hs"].to(dtype).requires_grad_(), inputs["ht"].to(dtype)
+    feature = cfg.feature_weight > 0
+    out = unisd_loss(
+        z, logits(inputs["ht"], inputs["wt"]), inputs["labels"],
+        view_logits=None if views is None else logits(views, inputs["wt"]),
+        negative_logits=None if negative is None else logits(negative, inputs["wt"]),
+        student_hidden=hs if feature else None, teacher_hidden=ht if feature else None,
+        config=cfg, num_items_in_batch=case.get("num_items"), impl=impl,
+        vocab_parallel=vocab_parallel)
+    (out.loss * case.get("grad_out", 1.0)).backward()
+    values = [out.loss, out.kd, out.contrastive, out.feature, out.token_divergence,
+              out.token_weight, hs.grad if feature else hs.new_zeros(0), z.grad]
+    return [v.detach().double() for v in values]
+
+
 def rel_error(a: list, b: list) -> float:
     """The largest max|a - b| / max|b| over the tensors (the error of a against b)."""
     worst = 0.0
@@ -149,13 +187,16 @@ def run_case(name: str, case: dict, V: int) -> dict:
     inputs = make_inputs(case, V, torch.Generator().manual_seed(1234))
     dtype, impl = case.get("dtype", torch.float32), case.get("impl", "torch")
     split = VocabParallel(dist.group.WORLD, vocab_size=V)
-    mine = loss_and_grads(inputs, case, dtype, rows, split, impl)
-    dense = loss_and_grads(inputs, case, dtype, slice(None), None, impl)
+    run = logits_loss_and_grads if case.get("logits") else loss_and_grads
+    mine = run(inputs, case, dtype, rows, split, impl)
+    dense = run(inputs, case, dtype, slice(None), None, impl)
     rounded = {k: v.to(dtype).double() if torch.is_tensor(v) and v.is_floating_point() else v
                for k, v in inputs.items()}
-    exact = loss_and_grads(rounded, case, torch.float64, slice(None), None, "reference")
+    exact = run(rounded, case, torch.float64, slice(None), None, "reference")
 
-    def of_shard(values):  # the head gradients' rows of this rank
+    def of_shard(values):  # the gradients' rows (columns of the logits) of this rank
+        if case.get("logits"):
+            return values[:7] + [values[7][..., rows]]
         return values[:7] + [v[rows] for v in values[7:]]
 
     errors = torch.tensor([rel_error(mine, of_shard(dense)),

@@ -23,6 +23,7 @@ from .validation import (
     validate_inputs,
     validate_support,
 )
+from .vocab_parallel import logit_shards
 
 
 @dataclass
@@ -63,6 +64,7 @@ def unisd_loss(
     teacher_logprobs: torch.Tensor | None = None,
     teacher_label_logprobs: torch.Tensor | None = None,
     view_mask: torch.Tensor | None = None,
+    vocab_parallel=None,
 ) -> UniSDOutput:
     """The UniSD loss of docs/losses.md on (B, T, V) logits and (B, T) labels.
 
@@ -78,13 +80,24 @@ def unisd_loss(
     top-k, teacher log-probs from teacher_logits), or teacher_logits None and the given
     teacher_indices with teacher_logprobs (B, T, k), and teacher_label_logprobs (B, T) for
     a contrastive term whose labels are not all in the support.
+    vocab_parallel: a process group (or ``VocabParallel``) over whose ranks the logits (the
+    student's, teacher's, views' and negative's) are split by vocabulary, each rank passing
+    its (B, T, V_r) shard and the same full-vocab labels; the gradient is that of its shard
+    (docs/kernels.md, "Vocabulary-parallel heads").
     """
     cfg = check_config(config)
+    shards = None
+    if vocab_parallel is not None:
+        Inputs("student_logits", student_logits, "V")  # a tensor's checks before the gather
+        shards = logit_shards(vocab_parallel, student_logits)
+        if teacher_indices is not None or cfg.topk is not None:
+            raise ValueError("a sparse support (config.topk or teacher_indices) needs whole "
+                             "logits, not vocab_parallel shards")
     views = validate_inputs(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
         given_support=teacher_indices is not None,
-        view_mask=view_mask,
+        view_mask=view_mask, label_vocab=None if shards is None else shards.layout.full,
     )
     k = validate_support(cfg, Inputs("student_logits", student_logits, "V"),
                          student_logits.shape[-1], labels, teacher_indices, teacher_logprobs,
@@ -94,6 +107,8 @@ def unisd_loss(
     if inplace_backward:
         validate_inplace(student_logits)
     which = resolve_impl(impl, student_logits.device)
+    if which == "reference" and shards is not None:
+        raise ValueError("impl='reference' takes whole logits, not vocab_parallel shards")
     if which == "reference":
         if inplace_backward:
             raise ValueError("inplace_backward=True is not supported by impl='reference'")
@@ -122,6 +137,7 @@ def unisd_loss(
         negative_logprobs=negative_logprobs, student_hidden=student_hidden,
         teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
         inplace_backward=inplace_backward, first=small.run, view_mask=view_mask,
+        shards=shards,
     )
     return UniSDOutput(*parts)
 

@@ -261,10 +261,11 @@ def validate_support(cfg, inputs, V, labels, teacher_indices, teacher_logprobs,
 def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
                     num_items_in_batch, given_support: bool = False,
-                    view_mask=None):
+                    view_mask=None, label_vocab: int | None = None):
     """Check every input of ``unisd_loss`` against the config; returns the views as a list
     (or None). ``given_support``: the teacher is a given sparse support, teacher_logits must
-    be None."""
+    be None. ``label_vocab``: the vocabulary of the labels where the logits are a shard of
+    it (default: the logits' V)."""
     inputs = Inputs("student_logits", student_logits, "V")
     B, T, V = student_logits.shape
     if given_support:
@@ -273,7 +274,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
     else:
         inputs.tensor("teacher_logits", teacher_logits, (B, T, V), "(B, T, V)")
     inputs.labels(labels)
-    check_labels(labels, V, cfg.ignore_index)
+    check_labels(labels, label_vocab or V, cfg.ignore_index)
     views = inputs.options(cfg, ("view_logits", view_logits), view_logprobs,
                            ("negative_logits", negative_logits), negative_logprobs,
                            last=V, last_name="V")

@@ -1,7 +1,7 @@
 """``VocabParallel``: lm_heads split by vocabulary rows over the ranks of a process group
 (the tensor-parallel output layer of Megatron, or a ``DTensor`` weight sharded on dimension
-0), for ``unisd_linear_loss(..., vocab_parallel=...)`` (docs/kernels.md, "Vocabulary-parallel
-heads").
+0), for ``unisd_linear_loss(..., vocab_parallel=...)``, and logits split so, for
+``unisd_loss(..., vocab_parallel=...)`` (docs/kernels.md, "Vocabulary-parallel heads").
 
 Each rank passes its own shard of every head (rank r the rows after those of ranks < r, any
 sizes, at least one row each) and the same hidden states and full-vocab labels; each gets the
@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+
+from .backends.shards.combine import VocabShards
+from .backends.shards.layout import gather_layout
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,32 @@ def _split(vocab_parallel) -> VocabParallel | None:
                     f"VocabParallel or None, got {type(vocab_parallel).__name__}")
 
 
+def _check_size(vocab_size) -> None:
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(
+            vocab_size, int) or vocab_size <= 0):
+        raise ValueError(f"VocabParallel.vocab_size must be a positive int or None, got "
+                         f"{vocab_size!r}")
+
+
+def _initialised() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel (or a DTensor head) needs torch.distributed "
+                         "initialised")
+
+
+def logit_shards(vocab_parallel, student_logits: torch.Tensor) -> VocabShards | None:
+    """The shards of (B, T, V_r) logits split over ``vocab_parallel`` (None: whole logits),
+    their layout gathered over the group."""
+    split = _split(vocab_parallel)
+    if split is None:
+        return None
+    _check_size(split.vocab_size)
+    _initialised()
+    group = split.group or dist.group.WORLD
+    return VocabShards(group, gather_layout(student_logits.shape[-1], 1, group,
+                                            student_logits.device, split.vocab_size))
+
+
 def _local(name: str, x, meshes: list):
     """A DTensor sharded on dim 0 of a 1-D mesh as its local shard (its mesh noted), any
     other tensor as is."""
@@ -78,15 +107,10 @@ def local_heads(vocab_parallel, student_weight, teacher_weight, student_bias,
     local = [None if x is None else tensors[id(x)] for _, x in named]
     if split is None and not meshes:
         return LocalHeads(None, None, *local)
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("vocab_parallel (or a DTensor head) needs torch.distributed "
-                         "initialised")
+    _initialised()
     group = None if split is None else split.group
     vocab_size = None if split is None else split.vocab_size
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(
-            vocab_size, int) or vocab_size <= 0):
-        raise ValueError(f"VocabParallel.vocab_size must be a positive int or None, got "
-                         f"{vocab_size!r}")
+    _check_size(vocab_size)
     if meshes:
         if len(meshes) != len(tensors):
             raise ValueError("vocab_parallel: give every head tensor as a DTensor sharded on "

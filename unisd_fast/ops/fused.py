@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..backends.protocol import RowBackend, RowStats
+from ..backends.shards.combine import VocabShards
 from ..config import UniSDConfig
 from .coefficients import combine
 
@@ -22,7 +23,9 @@ from .coefficients import combine
 @dataclass(frozen=True)
 class FusedCall:
     """Everything of one fused call but the two differentiable inputs (the student logits
-    and hidden states). Tensors are validated and have a unit last stride."""
+    and hidden states). Tensors are validated and have a unit last stride. ``shards``: the
+    logits are this rank's vocabulary shard of logits split over a group (labels in
+    full-vocab ids), whose row stats and label log-probs are combined over it."""
 
     backend: RowBackend
     config: UniSDConfig
@@ -37,6 +40,7 @@ class FusedCall:
     inplace_backward: bool = False
     needs_grad: bool = True
     view_mask: torch.Tensor | None = None
+    shards: VocabShards | None = None
 
 
 def score(backend: RowBackend, x, labels, tau: float, cfg: UniSDConfig):
@@ -60,13 +64,28 @@ def scored_options(call: FusedCall):
     """The views' and negative's label log-probs (K, B, T) and (B, T) that the config needs,
     scored by the backend where given as logits; None where not needed."""
     cfg, backend, labels = call.config, call.backend, call.labels
+    if call.shards is not None:
+        keep, local = labels != cfg.ignore_index, call.shards.local_labels(labels)
+        scored = lambda x, tau: call.shards.score(x, local, keep, tau)  # noqa: E731
     view_lp = call.view_logprobs
     if cfg.agreement != "none" and view_lp is None:
-        view_lp = score_views(backend, call.views, labels, cfg)
+        view_lp = score_views(backend, call.views, labels, cfg) if call.shards is None \
+            else torch.stack([scored(v, cfg.view_temperature) for v in call.views])
     negative_lp = call.negative_logprobs
     if cfg.contrastive_weight > 0 and negative_lp is None:
-        negative_lp = score(backend, call.negative_logits, labels, cfg.temperature, cfg)
+        negative_lp = score(backend, call.negative_logits, labels, cfg.temperature, cfg) \
+            if call.shards is None else scored(call.negative_logits, cfg.temperature)
     return view_lp, negative_lp
+
+
+def sharded_stats(call: FusedCall, z, mask):
+    """The row stats of the whole vocabulary from this rank's shard of the logits (zeros on
+    ignored rows, as the backend's) and the shard-local labels the gradient pass reads."""
+    cfg, labels = call.config, call.shards.local_labels(call.labels)
+    stats = call.shards.row_stats(call.backend, z, call.teacher_logits, labels,
+                                  divergence=cfg.divergence, tau=cfg.temperature,
+                                  alpha=cfg.jsd_alpha)
+    return RowStats(*(torch.where(mask, s, 0.0) for s in stats)), labels
 
 
 def scaled_grad(z, labels, stats: RowStats, grad_rows, finite: bool, ck, cc, tau,
@@ -97,8 +116,11 @@ class UniSDFunction(torch.autograd.Function):
                    "alpha": cfg.jsd_alpha, "ignore_index": cfg.ignore_index}
         both = getattr(backend, "row_stats_and_grad", None)
         found = both(student_logits, call.teacher_logits, labels, **scalars) \
-            if both is not None and call.needs_grad else None
-        if found is None:
+            if both is not None and call.needs_grad and call.shards is None else None
+        if call.shards is not None:
+            stats, labels = sharded_stats(call, student_logits, mask)
+            grad_rows, finite = None, False
+        elif found is None:
             stats = backend.row_stats(student_logits, call.teacher_logits, labels, **scalars)
             grad_rows, finite = None, False
         else:
@@ -149,11 +171,13 @@ def unit_stride(x):
 def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
                 config: UniSDConfig, views=None, view_logprobs=None, negative_logits=None,
                 negative_logprobs=None, student_hidden=None, teacher_hidden=None,
-                num_items_in_batch=None, inplace_backward=False, first=None, view_mask=None):
+                num_items_in_batch=None, inplace_backward=False, first=None, view_mask=None,
+                shards=None):
     """Run UniSDFunction; returns its seven outputs (loss, kd, contrastive, feature, D, w,
     clipped). Tensors whose last dimension is strided are made contiguous first. ``first``,
     a function ``(FusedCall, student_logits, student_hidden) -> outputs or None``, is tried
-    before UniSDFunction (the CPU path's whole-loss call for small inputs, small.py)."""
+    before UniSDFunction (the CPU path's whole-loss call for small inputs, small.py), never
+    with ``shards`` (a ``VocabShards``: the logits are this rank's vocabulary shard)."""
     if inplace_backward and student_logits.stride(-1) != 1:
         raise ValueError("inplace_backward=True needs student_logits with a unit last stride")
     call = FusedCall(
@@ -163,7 +187,7 @@ def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
         negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
         num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward,
         needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
-        view_mask=view_mask)
+        view_mask=view_mask, shards=shards)
     z = unit_stride(student_logits)
-    found = None if first is None else first(call, z, student_hidden)
+    found = None if first is None or shards is not None else first(call, z, student_hidden)
     return found if found is not None else UniSDFunction.apply(z, student_hidden, call)

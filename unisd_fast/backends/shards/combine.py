@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..protocol import RowStats
-from .jsd import jsd_partial_sums
+from .jsd import BLOCK_ELEMENTS, jsd_partial_sums
 from .layout import ShardLayout
 
 # Labels of rows whose label another rank holds, in shard-local ids.
@@ -79,8 +79,8 @@ class VocabShards:
 
     def row_stats(self, backend, z, u, labels, *, divergence: str, tau: float,
                   alpha: float) -> RowStats:
-        """The backend's ``row_stats`` of the whole vocabulary's rows from this shard's (1, n,
-        V_r) logits z, u and shard-local labels (every row kept)."""
+        """The backend's ``row_stats`` of the whole vocabulary's rows from this shard's (B, T,
+        V_r) logits z, u and (B, T) shard-local labels (every row kept)."""
         holds = labels != ELSEWHERE
         local = backend.row_stats(z, u, labels.clamp(min=0),
                                   divergence="fkl" if divergence == "jsd" else divergence,
@@ -89,10 +89,28 @@ class VocabShards:
         lse_s, lse_t, d, s_y, t_y, gap = combine_rows(parts, divergence)
         aux = torch.zeros_like(d)
         if divergence == "jsd":
-            sums = jsd_partial_sums(z[0], u[0], lse_s[0], lse_t[0], gap[0], tau, alpha)
+            sums = torch.stack([jsd_partial_sums(z[b], u[b], lse_s[b], lse_t[b], gap[b], tau,
+                                                 alpha) for b in range(z.shape[0])], 1)
             dist.all_reduce(sums, group=self.group)
             d, aux = (alpha * sums[0] + (1 - alpha) * sums[1]).view_as(d), sums[1].view_as(d)
         return RowStats(*(x.float() for x in (lse_s, lse_t, d, aux, s_y, t_y, gap)))
+
+    def score(self, x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+              tau: float) -> torch.Tensor:
+        """log softmax(x / tau)[y] over the whole vocabulary from this shard's (B, T, V_r)
+        logits and (B, T) shard-local labels, float32, 0 where ``keep`` is False: the
+        shard's float64 log-sum-exps and label logits, combined (``label_logprobs``)."""
+        lse = torch.empty(x.shape[:2], dtype=torch.float64, device=x.device)
+        label = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+        at = labels.clamp(min=0).unsqueeze(-1)
+        rows = max(1, BLOCK_ELEMENTS // x.shape[-1])
+        for b in range(x.shape[0]):
+            for t0 in range(0, x.shape[1], rows):
+                s = x[b, t0:t0 + rows].float() / tau
+                lse[b, t0:t0 + rows] = torch.logsumexp(s.double(), -1)
+                label[b, t0:t0 + rows] = s.gather(-1, at[b, t0:t0 + rows]).squeeze(-1)
+        lp = self.label_logprobs(lse, label, labels != ELSEWHERE)
+        return torch.where(keep, lp, 0.0)
 
     def label_logprobs(self, lse: torch.Tensor, label: torch.Tensor,
                        holds: torch.Tensor) -> torch.Tensor:
