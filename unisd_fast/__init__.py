@@ -13,6 +13,7 @@ _EXPORTS = {
     "IMPLS": ".config",
     "PRESETS": ".config",
     "UniSDConfig": ".config",
+    "VocabParallel": ".vocab_parallel",
     "LinearHead": ".ops.head",
     "resolve_impl": ".backends.choice",
     "ViewSelection": ".ops.coverage",

@@ -10,12 +10,12 @@ loss of the whole head, d hidden summed over the group, and d weight of its own 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
 
 from .backends.shards.combine import VocabShards
 from .backends.shards.layout import gather_layout
@@ -81,7 +81,11 @@ def logit_shards(vocab_parallel, student_logits: torch.Tensor) -> VocabShards | 
 
 def _local(name: str, x, meshes: list):
     """A DTensor sharded on dim 0 of a 1-D mesh as its local shard (its mesh noted), any
-    other tensor as is."""
+    other tensor as is. (A DTensor exists only once its module is loaded: unless it is, no
+    import here.)"""
+    if "torch.distributed.tensor" not in sys.modules:
+        return x
+    from torch.distributed.tensor import DTensor, Shard
     if not isinstance(x, DTensor):
         return x
     if x.device_mesh.ndim != 1 or tuple(x.placements) != (Shard(0),):
