@@ -23,11 +23,10 @@ def jsd_partial_sums(z, u, lse_s, lse_t, gap, tau: float, alpha: float) -> torch
     rows = max(1, BLOCK_ELEMENTS // V)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        s = z[r0:r1].float() / tau
-        t = u[r0:r1].float() / tau
-        p_s = torch.exp(s - lse_s[r0:r1, None])
-        p_t = torch.exp(t - lse_t[r0:r1, None])
-        r = (t - s) + gap[r0:r1, None]
+        zf, uf = z[r0:r1].float(), u[r0:r1].float()
+        p_s = torch.exp(zf / tau - lse_s[r0:r1, None])
+        p_t = torch.exp(uf / tau - lse_t[r0:r1, None])
+        r = (uf - zf) / tau + gap[r0:r1, None]  # the difference first, as the dense pass
         term_t = -p_t * log1p_minus_w((1 - alpha) * torch.expm1(-r))
         term_s = -p_s * log1p_minus_w(alpha * torch.expm1(r))
         out[0, r0:r1] = torch.where(p_t > 0, term_t, 0.0).sum(-1, dtype=torch.float64)
