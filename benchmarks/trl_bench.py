@@ -154,7 +154,7 @@ def run_variant(opts) -> dict:
             "unisd_linear": {"unisd_loss_path": "linear"},
             "unisd_star": {"unisd_preset": "unisd_star", "unisd_num_views": 3},
         }[opts.variant]
-        args = UniSDSDFTConfig(**common, **unisd)
+        args = UniSDSDFTConfig(**common, distillation_mode="full_logits", **unisd)
         trainer_cls = UniSDSDFTTrainer
     data = facts_dataset(seed=0)
     trainer = trainer_cls(

@@ -23,8 +23,9 @@ DIVERGENCES = [{"divergence": "fkl"}, {"divergence": "rkl"},
 
 
 @pytest.fixture(autouse=True)
-def small_topk_tiles(monkeypatch):
-    monkeypatch.setattr(torch_sparse, "TOPK_TILE", TILE)
+def small_row_blocks(monkeypatch):
+    """Row blocks of 3 rows: every call runs several."""
+    monkeypatch.setattr(torch_sparse, "BLOCK_ELEMENTS", 3 * V)
 
 
 def div_id(d):
@@ -215,8 +216,9 @@ def test_strided_inputs_and_inplace_backward():
 
 
 def linear_pair(case, cfg, kind, k, impl=TILED, trainable=True, **kw):
-    """(fused, reference) runs of unisd_linear_loss; a "given" support is the teacher head's
-    top-k, without teacher hidden states or head in the call unless features need them."""
+    """(fused, reference) runs of unisd_linear_loss on the support ``kind``: "topk", "given"
+    (the teacher head's top-k, without teacher hidden states or head in the call unless
+    features need them) or "dense" (the full vocabulary)."""
     case = dict(case)
     hs, ws = case.pop("student_hidden"), case["student_weight"]
     ht = case["teacher_hidden"]
@@ -240,7 +242,7 @@ def linear_pair(case, cfg, kind, k, impl=TILED, trainable=True, **kw):
             args.update(teacher_weight=None, teacher_bias=None)
             if not cfg.needs_hidden:
                 args["teacher_hidden"] = None
-    else:
+    elif kind == "topk":
         cfg = cfg.replace(topk=k)
 
     def call(h, weight, impl, **more):
@@ -441,3 +443,65 @@ def test_bad_linear_support_arguments():
         usd.unisd_linear_loss(case["student_hidden"], case["student_weight"],
                               case["teacher_hidden"], case["teacher_weight"], case["labels"],
                               config=usd.UniSDConfig(topk=V + 1))
+
+
+# ---------------------------------------------------------------- importance clip
+
+
+def _old_logprobs(z, labels, tau):
+    """Rollout label log-probs near the student's: ratios on both sides of the clip."""
+    lp = torch.log_softmax(z.double() / tau, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    return (lp.squeeze(-1) - 0.8 * torch.randn(labels.shape)).float()
+
+
+@pytest.mark.parametrize("support", ["dense", "topk", "given"])
+def test_importance_clip_on_logits(support):
+    case = logits_case()
+    cfg = usd.UniSDConfig(importance_clip=1.5, contrastive_weight=0.2, feature_weight=0.1,
+                          tail_bucket=True)
+    old = _old_logprobs(case["student_logits"], case["labels"], cfg.temperature)
+    extra = {"old_logprobs": old}
+    if support == "given":
+        _, _, lp = given_support(case["teacher_logits"], 1, cfg.temperature)
+        y = case["labels"].clamp(min=0)
+        extra["teacher_label_logprobs"] = lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()
+    if support == "dense":
+        kw = {**options_inputs(case, cfg), **extra}
+        got = run(usd.unisd_loss, case["student_logits"], ["student_hidden"],
+                  case["teacher_logits"], case["labels"], config=cfg, **kw)
+        exp = run(usd.unisd_loss, case["student_logits"].double(), ["student_hidden"],
+                  case["teacher_logits"].double(), case["labels"], config=cfg,
+                  impl="reference", **as64(kw))
+    else:
+        got, exp = logits_pair(case, cfg, support, 23, extra=extra, grad_hidden=True)
+    assert_close(got, exp)
+    unclipped = usd.unisd_loss(case["student_logits"].double(),
+                               case["teacher_logits"].double(), case["labels"],
+                               config=cfg.replace(importance_clip=None), impl="reference",
+                               **as64(options_inputs(case, cfg)))
+    if support == "dense":
+        assert abs(unclipped.loss.item() - exp[0].loss.item()) > 1e-4
+
+
+@pytest.mark.parametrize("support", ["dense", "topk", "given"])
+def test_importance_clip_on_linear(support):
+    case = make_case(V=V)
+    cfg = usd.UniSDConfig(importance_clip=2.0, tail_bucket=True)
+    z = torch.nn.functional.linear(case["student_hidden"], case["student_weight"],
+                                   case["student_bias"])
+    old = _old_logprobs(z, case["labels"], cfg.temperature)
+    for impl in (TILED, WHOLE_HEAD):
+        assert_close(*linear_pair(case, cfg, support, 31, impl=impl, old_logprobs=old))
+
+
+def test_importance_clip_arguments():
+    case = logits_case()
+    with pytest.raises(ValueError, match="importance_clip needs old_logprobs"):
+        _call(case, case["teacher_logits"], usd.UniSDConfig(importance_clip=2.0))
+    with pytest.raises(ValueError, match="old_logprobs needs UniSDConfig.importance_clip"):
+        _call(case, case["teacher_logits"], old_logprobs=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"old_logprobs must have shape \(B, T\)"):
+        _call(case, case["teacher_logits"], usd.UniSDConfig(importance_clip=2.0),
+              old_logprobs=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="UniSDConfig.importance_clip must be > 0"):
+        usd.UniSDConfig(importance_clip=0.0)

@@ -87,6 +87,10 @@ class UniSDConfig:
         teacher's log-probs taken at those indices; None: the full vocabulary. A support
         given as indices and teacher log-probs (``unisd_loss(teacher_indices=...)``) needs
         topk None.
+    importance_clip: TRL SDFT's ``distillation_is_clip``: each token's loss times the
+        constant min(exp(clamp(log p_S(y) - old_logprobs, -20, 20)), importance_clip), with
+        ``old_logprobs`` (B, T) the student's label log-probs when the rollout was sampled
+        (given to the loss) and log p_S(y) at the loss temperature; None: off.
     tail_bucket: on a sparse support, one extra category holding 1 - sum p on each side
         (True), or each side renormalised over the support (False, TRL's default).
     """
@@ -112,6 +116,7 @@ class UniSDConfig:
     ignore_index: int = -100
     topk: int | None = None
     tail_bucket: bool = False
+    importance_clip: float | None = None
 
     def __post_init__(self) -> None:
         _choice("divergence", self.divergence, DIVERGENCES)
@@ -178,6 +183,8 @@ class UniSDConfig:
         if not isinstance(self.tail_bucket, bool):
             raise TypeError(f"UniSDConfig.tail_bucket must be a bool, got "
                             f"{type(self.tail_bucket).__name__}")
+        if self.importance_clip is not None:
+            _finite("importance_clip", self.importance_clip, positive=True)
         if self.kd_weight == 0 and self.contrastive_weight == 0 and self.feature_weight == 0:
             raise ValueError(
                 "UniSDConfig: kd_weight, contrastive_weight and feature_weight are all 0; "

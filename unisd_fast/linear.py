@@ -33,14 +33,14 @@ def _reference(cfg, student: LinearHead, teacher: LinearHead, student_hidden, te
                labels, views, view_logprobs, negative_hidden, negative_logprobs,
                num_items_in_batch, support, view_mask) -> UniSDOutput:
     """impl="reference": materialise every logits tensor (differentiably for the student)
-    and call the eager reference of ``unisd_loss``. ``support``: the given sparse support's
-    keyword arguments of unisd_loss (teacher logits then not scored)."""
+    and call the eager reference of ``unisd_loss``. ``support``: further keyword arguments of
+    unisd_loss (with a given sparse support, the teacher logits are not scored)."""
     z = student.logits(student_hidden)
     with torch.no_grad():
         def scored(h):
             return None if h is None else teacher.logits(h)
         view_logits = None if views is None else [scored(v) for v in views]
-        u = None if support else scored(teacher_hidden)
+        u = None if "teacher_indices" in support else scored(teacher_hidden)
         negative_logits = scored(negative_hidden)
     return unisd_loss(z, u, labels, view_logits=view_logits, view_logprobs=view_logprobs,
                       negative_logits=negative_logits, negative_logprobs=negative_logprobs,
@@ -72,6 +72,7 @@ def unisd_linear_loss(
     teacher_logprobs: torch.Tensor | None = None,
     teacher_label_logprobs: torch.Tensor | None = None,
     view_mask: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
 ) -> UniSDOutput:
     """The UniSD loss of the logits ``f(h W^T + b)`` of student and teacher heads, computed
     chunk by chunk without materialising them (docs/api.md).
@@ -91,6 +92,7 @@ def unisd_linear_loss(
     serve only feature matching and hidden-state views or negative); whole heads only.
     view_mask (B, T) bool: the positions the views scored (adaptive agreement): only
     those view rows meet the head; elsewhere the weight is 1.
+    old_logprobs (B, T): the rollout's label log-probs of ``config.importance_clip``.
     """
     cfg = check_config(config)
     given = teacher_indices is not None
@@ -105,7 +107,7 @@ def unisd_linear_loss(
         cfg, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias, view_hidden, view_logprobs, negative_hidden,
         negative_logprobs, logit_softcap, logit_scale, num_items_in_batch, chunk_bytes,
-        given_support=given, view_mask=view_mask)
+        given_support=given, view_mask=view_mask, old_logprobs=old_logprobs)
     k = validate_support(cfg, Inputs("student_hidden", student_hidden, "H"),
                          student_weight.shape[0], labels, teacher_indices, teacher_logprobs,
                          teacher_label_logprobs)
@@ -116,9 +118,10 @@ def unisd_linear_loss(
     if which == "reference" and heads.group_name is not None:
         raise ValueError("impl='reference' takes whole heads, not vocab_parallel shards")
     if which == "reference":
-        support = {} if not given else {
-            "teacher_indices": teacher_indices, "teacher_logprobs": teacher_logprobs,
-            "teacher_label_logprobs": teacher_label_logprobs}
+        support = {"old_logprobs": old_logprobs}
+        if given:
+            support.update(teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+                           teacher_label_logprobs=teacher_label_logprobs)
         return _reference(cfg, LinearHead(student_weight, student_bias, softcap, scale),
                           LinearHead(teacher_weight, teacher_bias, softcap, scale),
                           student_hidden, teacher_hidden, labels, views, view_logprobs,
@@ -129,7 +132,7 @@ def unisd_linear_loss(
                        teacher_hidden, teacher_weight, teacher_bias, labels, views,
                        view_logprobs, negative_hidden, negative_logprobs, softcap, scale,
                        num_items_in_batch, chunk_bytes, teacher_indices, teacher_logprobs,
-                       teacher_label_logprobs)
+                       teacher_label_logprobs, old_logprobs)
     grad_on = torch.is_grad_enabled()
     shared = teacher_weight is student_weight
     if cfg.agreement == "none":
@@ -148,6 +151,7 @@ def unisd_linear_loss(
         negative_hidden=detached(negative_hidden),
         negative_logprobs=detached(negative_logprobs),
         num_items_tensor=num_items_in_batch if items_is_tensor else None,
+        old_logprobs=detached(old_logprobs),
         num_items=None if items_is_tensor or num_items_in_batch is None
         else float(num_items_in_batch),
         logit_softcap=softcap, logit_scale=scale, backend=which,
@@ -163,7 +167,8 @@ def unisd_linear_loss(
 def _sparse(cfg, k, which, student_hidden, student_weight, student_bias, teacher_hidden,
             teacher_weight, teacher_bias, labels, views, view_logprobs, negative_hidden,
             negative_logprobs, softcap, scale, num_items_in_batch, chunk_bytes,
-            teacher_indices, teacher_logprobs, teacher_label_logprobs) -> UniSDOutput:
+            teacher_indices, teacher_logprobs, teacher_label_logprobs,
+            old_logprobs) -> UniSDOutput:
     """The fused-linear loss on a sparse support (``ops.sparse_linear``)."""
     backend = backend_named(which)
     B, T, H = student_hidden.shape
@@ -184,7 +189,8 @@ def _sparse(cfg, k, which, student_hidden, student_weight, student_bias, teacher
         grads=(grad_on and student_hidden.requires_grad,
                grad_on and student_weight.requires_grad,
                grad_on and student_bias is not None and student_bias.requires_grad),
-        vocab_tile=backend.vocab_tile(student_hidden.device))
+        vocab_tile=backend.vocab_tile(student_hidden.device),
+        old_logprobs=None if old_logprobs is None else old_logprobs.detach().reshape(N))
     support = SparseTeacher(k, None, flat(teacher_indices), flat(teacher_logprobs),
                             flat(teacher_label_logprobs))
     if isinstance(num_items_in_batch, torch.Tensor):

@@ -65,6 +65,7 @@ def unisd_loss(
     teacher_label_logprobs: torch.Tensor | None = None,
     view_mask: torch.Tensor | None = None,
     vocab_parallel=None,
+    old_logprobs: torch.Tensor | None = None,
 ) -> UniSDOutput:
     """The UniSD loss of docs/losses.md on (B, T, V) logits and (B, T) labels.
 
@@ -79,7 +80,8 @@ def unisd_loss(
     A sparse support (docs/losses.md, "Sparse supports"): ``config.topk`` (the student's
     top-k, teacher log-probs from teacher_logits), or teacher_logits None and the given
     teacher_indices with teacher_logprobs (B, T, k), and teacher_label_logprobs (B, T) for
-    a contrastive term whose labels are not all in the support.
+    a contrastive term whose labels are not all in the support. old_logprobs (B, T): the
+    rollout's label log-probs of ``config.importance_clip``.
     vocab_parallel: a process group (or ``VocabParallel``) over whose ranks the logits (the
     student's, teacher's, views' and negative's) are split by vocabulary, each rank passing
     its (B, T, V_r) shard and the same full-vocab labels; the gradient is that of its shard
@@ -96,7 +98,7 @@ def unisd_loss(
     views = validate_inputs(
         cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
         negative_logits, negative_logprobs, student_hidden, teacher_hidden, num_items_in_batch,
-        given_support=teacher_indices is not None,
+        given_support=teacher_indices is not None, old_logprobs=old_logprobs,
         view_mask=view_mask, label_vocab=None if shards is None else shards.layout.full,
     )
     k = validate_support(cfg, Inputs("student_logits", student_logits, "V"),
@@ -118,7 +120,7 @@ def unisd_loss(
             negative_logprobs=negative_logprobs, student_hidden=student_hidden,
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
             teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
-            teacher_label_logprobs=teacher_label_logprobs,
+            teacher_label_logprobs=teacher_label_logprobs, old_logprobs=old_logprobs,
             view_mask=view_mask,
         )
         return UniSDOutput(**out)
@@ -130,14 +132,14 @@ def unisd_loss(
             views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,
             negative_logprobs=negative_logprobs, student_hidden=student_hidden,
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
-            inplace_backward=inplace_backward))
+            inplace_backward=inplace_backward, old_logprobs=old_logprobs))
     parts = unisd_fused(
         student_logits, teacher_logits, labels, backend=backend_named(which), config=cfg,
         views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,
         negative_logprobs=negative_logprobs, student_hidden=student_hidden,
         teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
         inplace_backward=inplace_backward, first=small.run, view_mask=view_mask,
-        shards=shards,
+        shards=shards, old_logprobs=old_logprobs,
     )
     return UniSDOutput(*parts)
 

@@ -143,6 +143,11 @@ def label_logprob(x, labels, mask, tau: float):
     return torch.where(mask, lp, torch.zeros_like(lp))
 
 
+def importance_ratio(student_lp, old_lp, clip: float):
+    """SDFT's clipped importance-sampling ratio min(exp(clamp(lp - old, -20, 20)), clip)."""
+    return torch.exp(torch.clamp(student_lp - old_lp, -20.0, 20.0)).clamp(max=clip)
+
+
 def masked_quantile(values, mask, q: float):
     """torch.quantile (linear interpolation) of values[mask]; None when mask is empty."""
     selected = values[mask]
@@ -232,6 +237,7 @@ def unisd_loss_reference(
     teacher_logprobs=None,
     teacher_label_logprobs=None,
     view_mask=None,
+    old_logprobs=None,
 ):
     """The whole UniSD loss; returns a dict of loss, its parts and per-token diagnostics.
     ``view_mask`` (B, T) bool: where the views were scored (None: everywhere).
@@ -240,7 +246,8 @@ def unisd_loss_reference(
     ``config.ignore_index`` are replaced by zeros before any arithmetic, so non-finite values
     there never reach the loss or the gradient. A sparse support: ``config.topk``, or the
     given ``teacher_indices`` and ``teacher_logprobs`` (B, T, k) with ``teacher_logits``
-    None (``sparse_divergence``).
+    None (``sparse_divergence``). ``old_logprobs`` with ``config.importance_clip``: every
+    token's loss times the clipped importance ratio ``importance_ratio``.
     """
     cfg = config
     dtype = compute_dtype(student_logits, teacher_logits, student_hidden, teacher_logprobs)
@@ -281,8 +288,13 @@ def unisd_loss_reference(
     else:
         w = mask.to(dtype)
     m = mask.to(dtype)
+    r = torch.ones_like(m)
+    if cfg.importance_clip is not None:
+        s_lab = label_logprob(z, labels, mask, tau).detach()
+        r = importance_ratio(s_lab, torch.where(mask, old_logprobs.to(dtype), s_lab),
+                             cfg.importance_clip)
 
-    kd = masked_mean(d_clipped, w * m, cfg.normalize, num_items_in_batch)
+    kd = masked_mean(d_clipped * r, w * m, cfg.normalize, num_items_in_batch)
     loss = cfg.kd_weight * kd
 
     contrastive = zero
@@ -299,7 +311,7 @@ def unisd_loss_reference(
             n = torch.where(row_mask, negative_logits.to(dtype), zero)
             b = label_logprob(n, labels, mask, tau)
         hinge = torch.where(mask, contrastive_hinge(s, a, b, cfg.contrastive_margin), zero)
-        contrastive = masked_mean(hinge, m, cfg.normalize, num_items_in_batch)
+        contrastive = masked_mean(hinge * r, m, cfg.normalize, num_items_in_batch)
         loss = loss + cfg.contrastive_weight * contrastive
 
     feature = zero
@@ -307,7 +319,7 @@ def unisd_loss_reference(
         h_s = torch.where(row_mask, student_hidden.to(dtype), zero)
         h_t = torch.where(row_mask, teacher_hidden.to(dtype), zero)
         f = feature_distance(h_s, h_t)
-        feature = masked_mean(f, m, cfg.normalize, num_items_in_batch)
+        feature = masked_mean(f * r, m, cfg.normalize, num_items_in_batch)
         loss = loss + cfg.feature_weight * feature
 
     return {

@@ -168,6 +168,17 @@ class Inputs:
                              f"{tuple(view_mask.shape)}")
         self.same_device("view_mask", view_mask)
 
+    def old_logprobs(self, cfg, old_logprobs):
+        """old_logprobs (B, T): given exactly when the config has an importance_clip."""
+        if cfg.importance_clip is None:
+            if old_logprobs is not None:
+                raise ValueError("old_logprobs needs UniSDConfig.importance_clip")
+            return
+        if old_logprobs is None:
+            raise ValueError("UniSDConfig.importance_clip needs old_logprobs (B, T), the "
+                             "student's label log-probs when the rollout was sampled")
+        self.tensor("old_logprobs", old_logprobs, (self.B, self.T), "(B, T)")
+
     def num_items(self, cfg, n, check_value: bool):
         """num_items_in_batch: a finite number > 0, or a one-element tensor holding one
         (its value checked here only when ``check_value``)."""
@@ -261,7 +272,7 @@ def validate_support(cfg, inputs, V, labels, teacher_indices, teacher_logprobs,
 def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, view_logprobs,
                     negative_logits, negative_logprobs, student_hidden, teacher_hidden,
                     num_items_in_batch, given_support: bool = False,
-                    view_mask=None, label_vocab: int | None = None):
+                    view_mask=None, label_vocab: int | None = None, old_logprobs=None):
     """Check every input of ``unisd_loss`` against the config; returns the views as a list
     (or None). ``given_support``: the teacher is a given sparse support, teacher_logits must
     be None. ``label_vocab``: the vocabulary of the labels where the logits are a shard of
@@ -287,6 +298,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
         inputs.tensor("student_hidden", student_hidden, (B, T, H), "(B, T, H)")
         inputs.tensor("teacher_hidden", teacher_hidden, (B, T, H), "(B, T, H)")
     inputs.num_items(cfg, num_items_in_batch, check_value=True)
+    inputs.old_logprobs(cfg, old_logprobs)
     return views
 
 
@@ -294,7 +306,7 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
                            labels, student_bias, teacher_bias, view_hidden, view_logprobs,
                            negative_hidden, negative_logprobs, logit_softcap, logit_scale,
                            num_items_in_batch, chunk_bytes, given_support: bool = False,
-                           view_mask=None):
+                           view_mask=None, old_logprobs=None):
     """Check every input of ``unisd_linear_loss`` against the config. Returns the views as a
     list (or None), the soft-cap and the scale as floats (or None). ``given_support``: the
     teacher is a given sparse support; its hidden states and head are then optional (only
@@ -343,6 +355,7 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
         raise ValueError(f"feature_weight > 0 needs teacher_hidden with the student's hidden "
                          f"size H={H}, got Ht={Ht}")
     inputs.num_items(cfg, num_items_in_batch, check_value=False)
+    inputs.old_logprobs(cfg, old_logprobs)
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool)
                                     or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
         raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")

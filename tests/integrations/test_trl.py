@@ -106,7 +106,7 @@ def test_loss_and_gradients_equal_sdft_full_logits(base, data, tmp_path, alpha, 
     model, tokenizer = model_of(base), tiny_tokenizer(base)
     ours = UniSDSDFTTrainer(
         model,
-        UniSDSDFTConfig(**options, unisd_loss_path=path),
+        UniSDSDFTConfig(**options, unisd_loss_path=path, distillation_mode="full_logits"),
         train_dataset=data,
         processing_class=tokenizer,
     )
@@ -137,7 +137,8 @@ def test_lora_student_with_base_teacher_equals_sdft(base, data, tmp_path):
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
     tokenizer = tiny_tokenizer(base)
     ours = UniSDSDFTTrainer(
-        model_of(base), UniSDSDFTConfig(**options, distillation_alpha=0.0),
+        model_of(base),
+        UniSDSDFTConfig(**options, distillation_alpha=0.0, distillation_mode="full_logits"),
         train_dataset=data, processing_class=tokenizer, peft_config=lora,
     )
     theirs = SDFTTrainer(
@@ -297,21 +298,26 @@ def test_config_maps_trl_names_and_rejects_what_it_cannot_honour(tmp_path):
     assert divergence_of_alpha(0.0) == {"divergence": "fkl"}
     assert divergence_of_alpha(1.0) == {"divergence": "rkl"}
     assert divergence_of_alpha(0.25) == {"divergence": "jsd", "jsd_alpha": 0.25}
-    args = UniSDSDFTConfig(**base, temperature=0.9)
-    assert args.distillation_alpha == 0.0 and args.distillation_mode == "full_logits"
-    assert args.unisd_loss_config() == UniSDConfig(temperature=0.9)
-    args = UniSDSDFTConfig(**base, unisd_preset="gkd", unisd_clip=3.0, unisd_kd_weight=0.5)
+    args = UniSDSDFTConfig(**base, temperature=0.9, distillation_mode="full_logits")
+    assert args.distillation_alpha == 0.5
+    assert args.unisd_loss_config() == UniSDConfig(temperature=0.9, divergence="jsd")
+    args = UniSDSDFTConfig(**base, unisd_preset="sd", distillation_add_tail=True)
+    assert args.distillation_alpha == 0.0 and args.distillation_mode == "topk_logits"
+    assert args.unisd_loss_config() == UniSDConfig(topk=100, tail_bucket=True, temperature=1.0)
+    args = UniSDSDFTConfig(**base, unisd_preset="gkd", unisd_clip=3.0, unisd_kd_weight=0.5,
+                           distillation_topk=7)
     assert args.unisd_loss_config() == UniSDConfig(
-        divergence="jsd", jsd_alpha=0.5, temperature=1.0, clip=3.0, kd_weight=0.5
+        divergence="jsd", jsd_alpha=0.5, temperature=1.0, clip=3.0, kd_weight=0.5, topk=7
     )
-    with pytest.raises(ValueError, match="distillation_mode must be 'full_logits'"):
-        UniSDSDFTConfig(**base, distillation_mode="topk_logits")
-    with pytest.raises(ValueError, match="use_teacher_server"):
-        UniSDSDFTConfig(**base, use_teacher_server=True, use_vllm=True, vllm_mode="server")
+    with pytest.raises(ValueError, match="distillation_mode must be one of"):
+        UniSDSDFTConfig(**base, distillation_mode="sampled_token", distillation_alpha=1.0)
+    with pytest.raises(ValueError, match="distillation_topk must be an int >= 1"):
+        UniSDSDFTConfig(**base, distillation_topk=None)
+    with pytest.raises(ValueError, match="use_teacher_server needs distillation_mode"):
+        UniSDSDFTConfig(**base, use_teacher_server=True, use_vllm=True, vllm_mode="server",
+                        distillation_mode="full_logits")
     with pytest.raises(ValueError, match="unisd_num_views must be >= 2"):
         UniSDSDFTConfig(**base, unisd_agreement="token", unisd_num_views=1)
-    with pytest.raises(ValueError, match="distillation_is_clip must be None"):
-        UniSDSDFTConfig(**base, distillation_is_clip=2.0, num_iterations=2)
     with pytest.raises(ValueError, match="multiple of gradient_accumulation_steps"):
         UniSDSDFTConfig(
             **base, unisd_normalize="token", gradient_accumulation_steps=2, steps_per_generation=3,
@@ -382,3 +388,114 @@ def test_adaptive_agreement_scores_the_selected_rows_only(base, data, tmp_path):
     out = unisd_loss(z, u, labels, view_logits=views, negative_logits=n, student_hidden=h,
                      teacher_hidden=uh, config=cfg, view_mask=sel.view_mask)
     torch.testing.assert_close(logits[0], out.loss.detach() / 2, rtol=1e-5, atol=1e-7)
+def assert_same_on_a_batch(model, ours, theirs, data, path):
+    """Loss and gradients of both trainers on one rollout batch of a perturbed student."""
+    perturb(model)
+    model.train()
+    batch = ours._prepare_training_batch([data[i] for i in (0, 0, 1, 1)])
+    expected = loss_and_grads(theirs, model, batch)
+    assert expected[0] > 1e-3
+    assert_same(loss_and_grads(ours, model, batch), expected)
+    assert ours.unisd_path == path
+
+
+def trainer_pair(base, data, tmp_path, **options):
+    """UniSDSDFTTrainer and SDFTTrainer on one model, with the same TRL options."""
+    options = {**COMMON, "output_dir": str(tmp_path), "teacher_model_kind": "base", **options}
+    model, tokenizer = model_of(base), tiny_tokenizer(base)
+    ours = UniSDSDFTTrainer(model, UniSDSDFTConfig(**options), train_dataset=data,
+                            processing_class=tokenizer)
+    theirs = SDFTTrainer(model, SDFTConfig(**options), train_dataset=data,
+                         processing_class=tokenizer)
+    return model, ours, theirs
+
+
+@pytest.mark.parametrize(
+    ("alpha", "tail", "topk", "path"),
+    [(0.5, False, 10, "linear"), (0.5, True, 10, "logits"), (0.0, True, 1, "linear"),
+     (1.0, False, 37, "logits"), (0.3, True, 37, "linear")],
+)
+def test_topk_logits_equals_sdft(base, data, tmp_path, alpha, tail, topk, path):
+    """TRL's default mode: the student's top-k, renormalised or with the tail bucket."""
+    model, ours, theirs = trainer_pair(
+        base, data, tmp_path, distillation_alpha=alpha, distillation_add_tail=tail,
+        distillation_topk=topk, temperature=0.8, num_loss_tokens_to_skip=1)
+    ours.args.unisd_loss_path = path
+    assert ours.unisd_config.topk == topk and ours.unisd_config.tail_bucket == tail
+    assert_same_on_a_batch(model, ours, theirs, data, path)
+
+
+def serve_from_local_teacher(trainer, k):
+    """The teacher server's answer computed from the local teacher: its top-k token ids and
+    log-probs at the trainer's temperature, and the completion tokens' log-probs, padded as
+    TRL pads them (-inf, ids 0) past each completion."""
+    def answer(inputs, length):
+        with torch.no_grad():
+            logits = trainer._forward_logits(trainer.teacher_model, inputs["teacher_input_ids"],
+                                             inputs["teacher_attention_mask"], length)
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        top, ids = lp.topk(k, dim=-1)
+        actual = lp.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        pad = inputs["completion_mask"] == 0
+        return {"actual_logprobs": actual.masked_fill(pad, float("-inf")),
+                "topk_logprobs": top.masked_fill(pad.unsqueeze(-1), float("-inf")),
+                "topk_token_ids": ids.masked_fill(pad.unsqueeze(-1), 0)}
+
+    trainer.use_teacher_server = True
+    trainer.args.use_teacher_server = True  # set after init: TRL's init would start vLLM
+    if isinstance(trainer, UniSDSDFTTrainer):
+        trainer.unisd_config = trainer.args.unisd_loss_config()
+        assert trainer.unisd_config.topk is None
+    trainer._last_loaded_step = trainer.state.global_step  # weights "synced"
+    trainer._get_teacher_token_logprobs_from_server = answer
+
+
+@pytest.mark.parametrize(("alpha", "tail", "path"),
+                         [(0.5, False, "linear"), (0.0, True, "logits"), (1.0, True, "linear")])
+def test_teacher_server_topk_equals_sdft(base, data, tmp_path, alpha, tail, path):
+    """use_teacher_server=True: the teacher's top-k (here from the local model, as a server
+    returns it) is the loss's given support, on both trainers."""
+    model, ours, theirs = trainer_pair(
+        base, data, tmp_path, distillation_alpha=alpha, distillation_add_tail=tail,
+        distillation_topk=12, temperature=0.9, teacher_model_kind="live")
+    ours.args.unisd_loss_path = path
+    for trainer in (ours, theirs):
+        serve_from_local_teacher(trainer, 12)
+    assert_same_on_a_batch(model, ours, theirs, data, path)
+
+
+@pytest.mark.parametrize("mode", ["topk_logits", "full_logits"])
+def test_importance_sampling_clip_equals_sdft(base, data, tmp_path, mode):
+    """num_iterations=2: TRL stores the rollout's log-probs and clips the importance ratio
+    of the moved student at distillation_is_clip; both trainers apply it per token."""
+    model, ours, theirs = trainer_pair(
+        base, data, tmp_path, distillation_mode=mode, distillation_topk=9,
+        distillation_is_clip=1.3, num_iterations=2, distillation_alpha=0.5)
+    model.train()
+    batch = ours._prepare_training_batch([data[i] for i in (0, 0, 1, 1)])
+    assert "old_per_token_logps" in batch
+    perturb(model)
+    expected = loss_and_grads(theirs, model, batch)
+    assert_same(loss_and_grads(ours, model, batch), expected)
+    ours.args.distillation_is_clip = None
+    unclipped = loss_and_grads(ours, model, batch)
+    assert abs(unclipped[0] - expected[0]) > 1e-4
+
+
+def test_trl_defaults_train(base, data, tmp_path):
+    """UniSDSDFTConfig with every default of SDFTConfig (top-k 100 = this vocabulary, the
+    importance clip, JSD 0.5) trains."""
+    args = UniSDSDFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                           bf16=False, max_steps=2, per_device_train_batch_size=4,
+                           num_generations=2, max_completion_length=4, num_iterations=2,
+                           teacher_prompt_template=TEACHER_PROMPT_TEMPLATE)
+    defaults = SDFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    for name in ("distillation_mode", "distillation_topk", "distillation_is_clip",
+                 "distillation_add_tail", "distillation_alpha", "use_teacher_server"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    trainer = UniSDSDFTTrainer(base, args, train_dataset=data,
+                               processing_class=tiny_tokenizer(base))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history
+               if "loss" in e)

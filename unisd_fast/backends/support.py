@@ -1,14 +1,12 @@
 """Sparse supports, common to both backends: the per-row results of a support pass
-(``SupportRows``) and the student top-k over vocabulary tiles, merged (docs/losses.md,
-"Sparse supports")."""
+(``SupportRows``) and the student's top-k with ties at the k-th value going to the lower
+column (docs/losses.md, "Sparse supports")."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-
-LOW_BITS = (1 << 32) - 1
 
 
 class SupportRows(NamedTuple):
@@ -29,33 +27,33 @@ class SupportRows(NamedTuple):
     teacher_label: torch.Tensor
 
 
-# A column's key orders columns by value, then by lower index: the float32 bit pattern made
-# monotone as an int32 (negative floats have their 31 low bits flipped; -0 is read as +0),
-# times 2^32, plus 2^32 - 1 - column. The top-k of the keys is the top-k of the values with
-# ties at the k-th value going to the lower columns, whatever order a topk returns.
-def column_keys(x: torch.Tensor, v0: int) -> torch.Tensor:
-    bits = (x.float() + 0.0).view(torch.int32)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
-    cols = torch.arange(v0, v0 + x.shape[-1], device=x.device)
-    return bits * (1 << 32) + (LOW_BITS - cols)
+def lower_columns(x: torch.Tensor, k: int, kth: torch.Tensor) -> torch.Tensor:
+    """Columns (ascending) of the k largest values of each row of ``x`` whose k-th largest
+    value is ``kth`` (rows x 1): every column above it, then the lowest columns equal to it."""
+    above = x > kth
+    equal = x == kth
+    wanted = k - above.sum(-1, keepdim=True)
+    keep = above | (equal & (equal.cumsum(-1) <= wanted))
+    return keep.nonzero()[:, 1].view(x.shape[0], k)
 
 
-def key_columns(keys: torch.Tensor) -> torch.Tensor:
-    """The columns of keys made by ``column_keys``."""
-    return LOW_BITS - (keys & LOW_BITS)
-
-
-def merge_topk(best: torch.Tensor | None, keys: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest of ``best`` (rows x k, or None) and ``keys`` (rows x c): the running
-    top-k of a sweep over vocabulary tiles."""
-    both = keys if best is None else torch.cat([best, keys], dim=1)
-    return both.topk(min(k, both.shape[1]), dim=1).values
-
-
-def tiled_topk(z: torch.Tensor, k: int, tile: int) -> torch.Tensor:
-    """Columns of the k largest logits of each row of z (rows x V), ties to the lower
-    column, by a sweep over tiles of ``tile`` columns whose top-k merge into a running one."""
-    best = None
-    for v0 in range(0, z.shape[1], tile):
-        best = merge_topk(best, column_keys(z[:, v0:v0 + tile], v0), k)
-    return key_columns(best)
+def topk_columns(values: torch.Tensor, columns: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The columns of the k largest of ``values`` (rows x c; their columns ``columns``, None:
+    0..c-1), ties at the k-th value to the lower column: one top-(k+1), and where the
+    (k+1)-th equals the k-th, those rows by ``lower_columns``."""
+    c = values.shape[-1]
+    if k >= c:
+        return columns if columns is not None else \
+            torch.arange(c, device=values.device).expand(values.shape)
+    top, at = values.topk(k + 1, dim=-1)
+    at = at[:, :k]
+    tied = (top[:, k] == top[:, k - 1]).nonzero().squeeze(1)
+    if tied.numel():
+        rows = values[tied]
+        if columns is not None:  # order the candidates by column first
+            order = columns[tied].argsort(-1)
+            rows = rows.gather(-1, order)
+            at[tied] = order.gather(-1, lower_columns(rows, k, top[tied, k - 1:k]))
+        else:
+            at[tied] = lower_columns(rows, k, top[tied, k - 1:k])
+    return at if columns is None else columns.gather(-1, at)

@@ -34,6 +34,11 @@ METRICS = (
 )
 
 
+def given_support(extra: dict) -> dict:
+    """The given sparse support's arguments of the loss among ``extra`` (none without)."""
+    return {k: extra[k] for k in ("teacher_indices", "teacher_logprobs") if k in extra}
+
+
 class UniSDSDFTTrainer(SDFTBridge):
     """SDFTTrainer whose loss is the UniSD loss of ``args.unisd_loss_config()``.
 
@@ -205,7 +210,13 @@ class UniSDSDFTTrainer(SDFTBridge):
         step = self._linear_loss
         if self._loss_path(model, student_ids, student_mask) == "logits":
             step = self._logits_loss
-        out = step(model, inputs, labels, student_ids, student_mask, items)
+        extra = self._support(inputs, labels) if self.use_teacher_server else {}
+        cfg = self.unisd_config
+        old = inputs.get("old_per_token_logps")
+        if self.args.distillation_is_clip is not None and old is not None:
+            cfg = cfg.replace(importance_clip=self.args.distillation_is_clip)
+            extra["old_logprobs"] = old
+        out = step(model, inputs, labels, student_ids, student_mask, items, cfg, extra)
         self._log_unisd(model.training, out, loss_mask)
         loss = out.loss
         if not model.training:
@@ -258,6 +269,17 @@ class UniSDSDFTTrainer(SDFTBridge):
                                    True)[1]
             views[:, sel.rows, :n] = hidden.unflatten(0, (K, rows)).to(views.dtype)
         return {"view_hidden": views, "view_mask": sel.view_mask}
+    def _support(self, inputs, labels) -> dict:
+        """The teacher's top-k from the server as the loss's given support (and its label
+        log-probs, for the contrastive term)."""
+        teacher = self.teacher_server_logprobs(inputs, labels.size(1))
+        support = {"teacher_indices": teacher["topk_token_ids"],
+                   "teacher_logprobs": teacher["topk_logprobs"]}
+        if self.unisd_config.needs_negative:
+            kept = labels != self.unisd_config.ignore_index
+            actual = teacher["actual_logprobs"]
+            support["teacher_label_logprobs"] = torch.where(kept, actual, torch.zeros_like(actual))
+        return support
 
     def _views_and_negative(self, inputs, length: int, logits: bool):
         """The teacher's outputs on the K views, (K, B, T, ...), and on the negative,
@@ -286,28 +308,40 @@ class UniSDSDFTTrainer(SDFTBridge):
             ]
         return views, negative
 
-    def _logits_loss(self, model, inputs, labels, student_ids, student_mask, items):
+    def _teacher(self, inputs, length: int, logits: bool, given: bool):
+        """The teacher's logits (unless ``given``: a server support) and last hidden states
+        (with feature matching, or on the linear path without a given support)."""
+        cfg = self.unisd_config
+        hidden = cfg.needs_hidden or not (logits or given)
+        if given and not hidden:
+            return None, None
+        teacher_logits, teacher_hidden, _ = self._forward(
+            self.teacher_model,
+            inputs["teacher_input_ids"],
+            inputs["teacher_attention_mask"],
+            length,
+            logits and not given,
+            hidden,
+        )
+        return teacher_logits, teacher_hidden
+
+    def _logits_loss(self, model, inputs, labels, student_ids, student_mask, items, cfg, extra):
         """unisd_loss on the model's logits; views and negative as label log-probs."""
-        cfg, length = self.unisd_config, labels.size(1)
+        length = labels.size(1)
         student_logits, student_hidden, _ = self._forward(
             model, student_ids, student_mask, length, True, cfg.needs_hidden
         )
-        extra = {}
+        extra = dict(extra)
         with torch.no_grad(), self.teacher_context():
-            teacher_logits, teacher_hidden, _ = self._forward(
-                self.teacher_model,
-                inputs["teacher_input_ids"],
-                inputs["teacher_attention_mask"],
-                length,
-                True,
-                cfg.needs_hidden,
+            teacher_logits, teacher_hidden = self._teacher(
+                inputs, length, True, "teacher_indices" in extra
             )
             views, negative = self._views_and_negative(inputs, length, logits=True)
             if self._adaptive():
                 divergence = unisd_loss(
                     student_logits.detach(), teacher_logits, labels,
                     config=self._plain_config(), num_items_in_batch=items,
-                    impl=self.args.unisd_impl).token_divergence
+                    impl=self.args.unisd_impl, **given_support(extra)).token_divergence
                 extra.update(self._selected_views(inputs, labels, divergence, None))
             if views is not None:
                 extra["view_logprobs"] = torch.stack(
@@ -336,38 +370,38 @@ class UniSDSDFTTrainer(SDFTBridge):
         return label_logprobs(logits, labels, temperature, ignore_index=cfg.ignore_index,
                               impl=self.args.unisd_impl)
 
-    def _linear_loss(self, model, inputs, labels, student_ids, student_mask, items):
+    def _linear_loss(self, model, inputs, labels, student_ids, student_mask, items, cfg, extra):
         """unisd_linear_loss on last hidden states and the output layers: no logits."""
         length = labels.size(1)
         _, student_hidden, _ = self._forward(model, student_ids, student_mask, length, False, True)
         student, teacher = self._heads(model)
+        given = "teacher_indices" in extra
         with torch.no_grad(), self.teacher_context():
-            _, teacher_hidden, _ = self._forward(
-                self.teacher_model,
-                inputs["teacher_input_ids"],
-                inputs["teacher_attention_mask"],
-                length,
-                False,
-                True,
-            )
+            _, teacher_hidden = self._teacher(inputs, length, False, given)
             views, negative = self._views_and_negative(inputs, length, logits=False)
         # Hidden states in their head's dtype (under autocast they may differ from it).
         as_teacher = lambda h: None if h is None else h.to(teacher.weight.dtype)
-        heads = dict(student_bias=student.bias, teacher_bias=teacher.bias,
-                     logit_softcap=student.softcap, logit_scale=student.scale,
-                     num_items_in_batch=items, impl=self.args.unisd_impl)
         hs, ht = student_hidden.to(student.weight.dtype), as_teacher(teacher_hidden)
-        extra = {"view_hidden": as_teacher(views)}
+        extra = {**extra, "view_hidden": as_teacher(views)}
         if self._adaptive():
             with torch.no_grad():
                 divergence = unisd_linear_loss(
-                    hs.detach(), student.weight, ht, teacher.weight, labels,
-                    config=self._plain_config(), **heads).token_divergence
+                    hs.detach(), student.weight, ht, None if given else teacher.weight, labels,
+                    config=self._plain_config(), student_bias=student.bias,
+                    teacher_bias=None if given else teacher.bias,
+                    logit_softcap=student.softcap, logit_scale=student.scale,
+                    num_items_in_batch=items, impl=self.args.unisd_impl,
+                    **given_support(extra)).token_divergence
                 with self.teacher_context():
-                    extra = self._selected_views(inputs, labels, divergence, ht)
+                    extra.update(self._selected_views(inputs, labels, divergence, ht))
+        # a given support uses the teacher head only to score hidden-state views or negative
+        head_used = not given or extra["view_hidden"] is not None or negative is not None
         return unisd_linear_loss(
-            hs, student.weight, ht, teacher.weight, labels,
-            negative_hidden=as_teacher(negative), config=self.unisd_config, **heads, **extra)
+            hs, student.weight, ht, teacher.weight if head_used else None, labels,
+            student_bias=student.bias, teacher_bias=teacher.bias if head_used else None,
+            negative_hidden=as_teacher(negative), logit_softcap=student.softcap,
+            logit_scale=student.scale, config=cfg, num_items_in_batch=items,
+            impl=self.args.unisd_impl, **extra)
 
     def _log_unisd(self, training: bool, out, loss_mask):
         tokens = loss_mask.sum().clamp(min=1).to(torch.float32)

@@ -59,6 +59,17 @@ class SDFTBridge(SDFTTrainer):
         teacher's weights (disables or switches PEFT adapters for the base / EMA kinds)."""
         return self._get_teacher_context_for_self_distillation()
 
+    def teacher_server_logprobs(self, inputs, length: int) -> dict:
+        """The teacher's log-probs from the vLLM server over the last ``length`` positions:
+        ``topk_token_ids`` and ``topk_logprobs`` (B, T, distillation_topk) and
+        ``actual_logprobs`` (B, T, the completion tokens'); the server's weights synced
+        first when the step moved on, as SDFT does."""
+        if self.state.global_step != self._last_loaded_step:
+            self.vllm_generation.sync_weights()
+            self.accelerator.wait_for_everyone()
+            self._last_loaded_step = self.state.global_step
+        return self._get_teacher_token_logprobs_from_server(inputs, length)
+
     def loss_mask(self, completion_mask: torch.Tensor) -> torch.Tensor:
         """SDFT's loss mask: the completion mask without its first
         ``num_loss_tokens_to_skip`` positions."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from trl.experimental.sdft import SDFTConfig
@@ -9,6 +10,9 @@ from trl.experimental.sdft import SDFTConfig
 from ..config import IMPLS, PRESETS, UniSDConfig
 
 LOSS_PATHS = ("auto", "linear", "logits")
+MODES = ("topk_logits", "full_logits")
+SDFT_ALPHA = next(f.default for f in dataclasses.fields(SDFTConfig)
+                  if f.name == "distillation_alpha")
 
 # UniSD option -> UniSDConfig field; a None value leaves the preset's (or the default) value.
 OPTION_FIELDS = {
@@ -56,27 +60,20 @@ class UniSDSDFTConfig(SDFTConfig):
     set by ``distillation_alpha`` (divergence), ``unisd_temperature`` and the ``unisd_*``
     fields, which map one to one to UniSDConfig fields (docs/trl.md, docs/losses.md).
 
-    Differences from SDFTConfig: ``distillation_mode`` defaults to and must be
-    ``"full_logits"``; ``distillation_is_clip`` defaults to None; ``distillation_alpha``
-    defaults to None, meaning the preset's divergence (forward KL unless the preset says
-    otherwise).
+    TRL's defaults are SDFTConfig's: ``distillation_mode="topk_logits"`` (the student's top
+    ``distillation_topk`` tokens, renormalised or with ``distillation_add_tail``),
+    ``distillation_is_clip=2.0``; ``"full_logits"`` is the full-vocabulary loss;
+    ``use_teacher_server`` takes the teacher's top-k from the server as a given support.
+    ``distillation_alpha`` None: the divergence of ``unisd_preset``, or SDFT's default when
+    no preset is given.
     """
 
-    distillation_mode: str = field(
-        default="full_logits", **_help("Must be 'full_logits': UniSD is a full-vocabulary loss.")
-    )
     distillation_alpha: float | None = field(
         default=None,
         **_help(
             "Divergence as in TRL: 0 forward KL, 1 reverse KL, in between generalised JSD with "
-            "that weight. None takes the divergence of `unisd_preset` (forward KL by default)."
-        ),
-    )
-    distillation_is_clip: float | None = field(
-        default=None,
-        **_help(
-            "TRL's importance-sampling clip. Not supported by the UniSD loss: must stay None "
-            "whenever TRL would compute rollout log-probs (num_iterations > 1)."
+            "that weight. None takes the divergence of `unisd_preset`, or SDFT's default "
+            f"({SDFT_ALPHA}) without a preset."
         ),
     )
     unisd_preset: str | None = field(
@@ -156,19 +153,27 @@ class UniSDSDFTConfig(SDFTConfig):
                 f"unisd_preset must be one of {tuple(PRESETS)} or None, got {self.unisd_preset!r}"
             )
         if self.distillation_alpha is None:
-            self.distillation_alpha = alpha_of_divergence(
-                UniSDConfig.preset(self.unisd_preset or "sd")
-            )
+            self.distillation_alpha = SDFT_ALPHA if self.unisd_preset is None else \
+                alpha_of_divergence(UniSDConfig.preset(self.unisd_preset))
         super().__post_init__()
-        if self.distillation_mode != "full_logits":
+        if self.distillation_mode not in MODES:
             raise ValueError(
-                "UniSDSDFTConfig.distillation_mode must be 'full_logits' (the UniSD loss is "
-                f"full-vocabulary), got {self.distillation_mode!r}"
+                f"UniSDSDFTConfig.distillation_mode must be one of {MODES} (the UniSD loss "
+                f"over a top-k support or the full vocabulary), got {self.distillation_mode!r}"
             )
-        if self.use_teacher_server:
+        if self.distillation_mode == "topk_logits" and (
+            isinstance(self.distillation_topk, bool)
+            or not isinstance(self.distillation_topk, int)
+            or self.distillation_topk < 1
+        ):
             raise ValueError(
-                "UniSDSDFTConfig.use_teacher_server must be False: the server returns top-k "
-                "log-probs, and the UniSD loss needs the teacher's full distribution"
+                "UniSDSDFTConfig.distillation_topk must be an int >= 1 with "
+                f"distillation_mode='topk_logits', got {self.distillation_topk!r}"
+            )
+        if self.use_teacher_server and self.distillation_mode != "topk_logits":
+            raise ValueError(
+                "UniSDSDFTConfig.use_teacher_server needs distillation_mode='topk_logits': "
+                "the server returns the teacher's top-k log-probs, not its full distribution"
             )
         if self.unisd_loss_path not in LOSS_PATHS:
             raise ValueError(
@@ -185,15 +190,6 @@ class UniSDSDFTConfig(SDFTConfig):
                 f"UniSDSDFTConfig.unisd_num_views must be >= 2 with agreement, "
                 f"got {self.unisd_num_views}"
             )
-        every = self.steps_per_generation * self.num_iterations
-        rollout_logps = not self.generate_from_teacher and self.gradient_accumulation_steps % every
-        if self.distillation_is_clip is not None and rollout_logps:
-            raise ValueError(
-                "UniSDSDFTConfig.distillation_is_clip must be None: TRL's importance-sampling "
-                "correction is not part of the UniSD loss (it applies here because "
-                "num_iterations * steps_per_generation does not divide "
-                "gradient_accumulation_steps)"
-            )
         whole_steps = self.steps_per_generation % self.gradient_accumulation_steps == 0
         if cfg.normalize == "token" and not whole_steps:
             raise ValueError(
@@ -206,6 +202,9 @@ class UniSDSDFTConfig(SDFTConfig):
     def unisd_loss_config(self) -> UniSDConfig:
         """The UniSDConfig these fields describe (validated)."""
         overrides = divergence_of_alpha(self.distillation_alpha)
+        overrides["tail_bucket"] = self.distillation_add_tail
+        if self.distillation_mode == "topk_logits" and not self.use_teacher_server:
+            overrides["topk"] = self.distillation_topk
         overrides["temperature"] = (
             self.temperature if self.unisd_temperature is None else self.unisd_temperature
         )

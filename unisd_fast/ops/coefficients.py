@@ -80,6 +80,22 @@ class RowScales(NamedTuple):
     token: torch.Tensor
 
 
+def importance_ratio(student_label, old_lp, cfg):
+    """The clipped importance-sampling ratio of ``cfg.importance_clip`` per token (a
+    constant): min(exp(clamp(log p_S(y) - old, -20, 20)), clip)."""
+    ratio = torch.exp((student_label.float() - old_lp.float()).clamp(-20.0, 20.0))
+    return ratio.clamp(max=cfg.importance_clip)
+
+
+def with_ratio(scales: RowScales, student_label, old_lp, cfg) -> RowScales:
+    """``scales`` with every term's factor times the importance ratio (unchanged without
+    ``cfg.importance_clip``); ``old_lp`` of the same rows."""
+    if cfg.importance_clip is None:
+        return scales
+    ratio = importance_ratio(student_label, old_lp, cfg)
+    return RowScales(scales.weight, scales.kd * ratio, scales.token * ratio)
+
+
 def row_scales(mask, cfg, view_lp, num_items_in_batch, view_mask=None) -> RowScales:
     """Agreement weights and normalisers (B, T): they depend on the labels and views only."""
     m = mask.float()
@@ -154,12 +170,16 @@ class Coefficients:
 
 def combine(stats: RowStats, mask: torch.Tensor, cfg: UniSDConfig, view_lp, negative_lp,
             student_hidden, teacher_hidden, num_items_in_batch,
-            view_mask=None) -> Coefficients:
+            view_mask=None, old_lp=None) -> Coefficients:
     """From the row stats and the views' and negative's label log-probs (scored where
     ``view_mask``, None: everywhere) to the loss and the per-row gradient coefficients.
-    Length-N work only; no host sync."""
+    Length-N work only; no host sync. ``old_lp``: the rollout's label log-probs of
+    ``cfg.importance_clip``."""
     d = stats.divergence
     scales = row_scales(mask, cfg, view_lp, num_items_in_batch, view_mask)
+    if cfg.importance_clip is not None:
+        old_lp = torch.where(mask, old_lp.float(), stats.student_label)
+        scales = with_ratio(scales, stats.student_label, old_lp, cfg)
     c = clip_threshold(d, mask, cfg)
     b_lab = torch.where(mask, negative_lp.float(), 0.0) if cfg.contrastive_weight > 0 else None
     rows = row_coefficients(d, stats.student_label, stats.teacher_label, b_lab, mask, c,

@@ -38,6 +38,7 @@ class FusedCall:
     teacher_hidden: torch.Tensor | None = None
     num_items_in_batch: float | torch.Tensor | None = None
     inplace_backward: bool = False
+    old_logprobs: torch.Tensor | None = None
     needs_grad: bool = True
     view_mask: torch.Tensor | None = None
     shards: VocabShards | None = None
@@ -127,7 +128,8 @@ class UniSDFunction(torch.autograd.Function):
             stats, grad_rows, finite = found
         view_lp, negative_lp = scored_options(call)
         out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden,
-                      call.teacher_hidden, call.num_items_in_batch, call.view_mask)
+                      call.teacher_hidden, call.num_items_in_batch, call.view_mask,
+                      call.old_logprobs)
 
         ctx.save_for_backward(student_logits, call.teacher_logits, labels, *stats, out.ck,
                               out.cc, out.hidden_grad, grad_rows)
@@ -172,7 +174,7 @@ def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
                 config: UniSDConfig, views=None, view_logprobs=None, negative_logits=None,
                 negative_logprobs=None, student_hidden=None, teacher_hidden=None,
                 num_items_in_batch=None, inplace_backward=False, first=None, view_mask=None,
-                shards=None):
+                shards=None, old_logprobs=None):
     """Run UniSDFunction; returns its seven outputs (loss, kd, contrastive, feature, D, w,
     clipped). Tensors whose last dimension is strided are made contiguous first. ``first``,
     a function ``(FusedCall, student_logits, student_hidden) -> outputs or None``, is tried
@@ -187,7 +189,7 @@ def unisd_fused(student_logits, teacher_logits, labels, *, backend: RowBackend,
         negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
         num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward,
         needs_grad=torch.is_grad_enabled() and student_logits.requires_grad,
-        view_mask=view_mask, shards=shards)
+        view_mask=view_mask, shards=shards, old_logprobs=old_logprobs)
     z = unit_stride(student_logits)
     found = None if first is None or shards is not None else first(call, z, student_hidden)
     return found if found is not None else UniSDFunction.apply(z, student_hidden, call)

@@ -48,6 +48,7 @@ class LinearCall:
     chunk_bytes: int
     grads: tuple[bool, bool, bool]
     vocab_tile: int | None = None
+    old_logprobs: torch.Tensor | None = None
     shards: VocabShards | None = None
 
 
@@ -404,6 +405,8 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
             continue
         st = RowStats(*stats[:, r0:r1])
         part = co.RowScales(*(s[r0:r1] for s in scales))
+        if cfg.importance_clip is not None:
+            part = co.with_ratio(part, st.student_label, call.old_logprobs[idx], cfg)
         rows = co.row_coefficients(st.divergence, st.student_label, st.teacher_label,
                                    None if b_lab is None else b_lab[r0:r1],
                                    everywhere[r0:r1], c, part, cfg)
@@ -448,8 +451,13 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
 
     all_rows = RowStats(*scatter_rows(stats, index, N).view(N_STATS, *shape))
     terms = combine(all_rows, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
-                    teacher_hidden, num_items_in_batch, view_mask)
+                    teacher_hidden, num_items_in_batch, view_mask, old_rows(call, shape))
     return linear_result(call, terms, acc, index, student_hidden)
+
+
+def old_rows(call: LinearCall, shape):
+    """The rollout's label log-probs of ``importance_clip`` as (B, T), or None."""
+    return None if call.old_logprobs is None else call.old_logprobs.view(shape)
 
 
 def scored_rows(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,

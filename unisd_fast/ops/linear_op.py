@@ -48,6 +48,7 @@ class LinearOpArgs:
     negative_hidden: torch.Tensor | None
     negative_logprobs: torch.Tensor | None
     num_items_tensor: torch.Tensor | None
+    old_logprobs: torch.Tensor | None
     num_items: float | None
     logit_softcap: float | None
     logit_scale: float | None
@@ -115,7 +116,8 @@ def linear_loss_op(*args):
         labels=a.labels.reshape(N),
         chunk_bytes=a.chunk_bytes if shards is None else shards.layout.chunk_bytes,
         grads=(a.hidden_grad, a.weight_grad, a.bias_grad),
-        vocab_tile=backend.vocab_tile(hs.device), shards=shards)
+        vocab_tile=backend.vocab_tile(hs.device), shards=shards,
+        old_logprobs=None if a.old_logprobs is None else a.old_logprobs.reshape(N))
     negative = a.negative_hidden
     with torch.no_grad():
         result = linear_loss(

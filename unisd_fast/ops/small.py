@@ -32,8 +32,8 @@ def _labels(x, y, keep, tau):
     return lp.view(x.shape[:-1])
 
 
-def whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, view_mask, tau,
-          alpha, cfg, divergence: str):
+def whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, view_mask, old_lp,
+          tau, alpha, cfg, divergence: str):
     """The fused loss of docs/losses.md on small inputs, the views stacked (K, B, T, V):
     (loss, kd, contrastive, feature, D, weight, clipped, d loss / d z, d loss / d h or None,
     ok), where ``ok`` is False when the shifted pass flagged a row (the results are then not
@@ -53,7 +53,7 @@ def whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, vie
         view_lp = _labels(views, y, keep, cfg.view_temperature)
     if negative is not None:
         negative_lp = _labels(negative, y, keep, tau)
-    out = combine(stats, keep, cfg, view_lp, negative_lp, sh, th, num_items, view_mask)
+    out = combine(stats, keep, cfg, view_lp, negative_lp, sh, th, num_items, view_mask, old_lp)
     grad = scaled_grad(z, y, stats, grad_rows.view(B, T, V), divergence != "jsd", out.ck,
                        out.cc, tau, cfg)
     return (out.loss, out.kd, out.contrastive, out.feature, out.divergence, out.weight,
@@ -114,7 +114,7 @@ def run(call: FusedCall, student_logits, student_hidden):
     args = [_float32(x) for x in (
         z, call.teacher_logits, call.labels, views, call.view_logprobs, call.negative_logits,
         call.negative_logprobs, student_hidden, call.teacher_hidden, call.num_items_in_batch,
-        call.view_mask)]
+        call.view_mask, call.old_logprobs)]
     *outs, grad_z, grad_h, ok = compiler.run(
         WHOLE[cfg.divergence], *args, compiler.scalar(cfg.temperature, z),
         compiler.scalar(cfg.jsd_alpha, z), cfg, mark_rows=False)

@@ -19,6 +19,7 @@ from .linear_chunks import (
     chunk_ranges,
     hand_over,
     linear_result,
+    old_rows,
     scatter_rows,
     scored_rows,
     tiled_sweep,
@@ -85,7 +86,10 @@ def run_sparse_chunks(call: LinearCall, teacher: SparseTeacher, index, values, s
         coeffs = co.row_coefficients(values[0, r0:r1], rows.student_label, t_lab,
                                      None if b_lab is None else b_lab[r0:r1],
                                      every, c,
-                                     co.RowScales(*(s[r0:r1] for s in scales)), cfg)
+                                     co.with_ratio(co.RowScales(*(s[r0:r1] for s in scales)),
+                                                   rows.student_label,
+                                                   None if call.old_logprobs is None
+                                                   else call.old_logprobs[idx], cfg), cfg)
         coef, beta, cc = grad_coefficients(A, coeffs.ck, coeffs.cc)
         # with a soft-cap the chain rule needs z: the gradient goes over u (or a buffer)
         out = z
@@ -121,7 +125,7 @@ def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_row
     zeros = torch.zeros_like(d)
     stats = RowStats(zeros, zeros, d, zeros, s_lab, t_lab, zeros)
     terms = co.combine(stats, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
-                       teacher_hidden, num_items_in_batch)
+                       teacher_hidden, num_items_in_batch, old_rows(call, shape))
     return linear_result(call, terms, acc, index, student_hidden)
 
 

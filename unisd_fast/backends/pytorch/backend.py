@@ -190,13 +190,12 @@ class TorchBackend:
     def support_stats(self, z, u, labels, index, *, k: int, tau: float, ignore_index: int):
         """The support pass of a sparse support (docs/losses.md, "Sparse supports"): the
         student's top-k with the teacher ``u`` (index None), or the given ``index``."""
-        return sparse.support_stats(self.row_ranges(labels.numel(), z.shape[-1]), z, u,
-                                    labels, index, k=k, tau=tau, ignore_index=ignore_index)
+        return sparse.support_stats(self.compiler, z, u, labels, index, k=k, tau=tau,
+                                    ignore_index=ignore_index)
 
     def support_grad(self, z, out, rows, beta, coef, labels, cc, *, tau: float) -> None:
         """The dense gradient of a sparse support into ``out`` (which may be ``z``)."""
-        sparse.support_grad(self.row_ranges(labels.numel(), z.shape[-1]), z, out, rows, beta,
-                            coef, labels, cc, tau=tau)
+        sparse.support_grad(self.compiler, z, out, rows, beta, coef, labels, cc, tau=tau)
 
 
 @functools.cache
