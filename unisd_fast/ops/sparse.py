@@ -121,7 +121,7 @@ def sparse_terms(rows: SupportRows, teacher_lp, teacher_label, mask, cfg, view_l
                      teacher_label, zeros)
     stats = RowStats(*(s.view(mask.shape) for s in stats))
     out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden, teacher_hidden,
-                  num_items_in_batch, old_lp)
+                  num_items_in_batch, old_lp=old_lp)
     return out, A
 
 

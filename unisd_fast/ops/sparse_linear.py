@@ -125,7 +125,7 @@ def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_row
     zeros = torch.zeros_like(d)
     stats = RowStats(zeros, zeros, d, zeros, s_lab, t_lab, zeros)
     terms = co.combine(stats, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
-                       teacher_hidden, num_items_in_batch, old_rows(call, shape))
+                       teacher_hidden, num_items_in_batch, old_lp=old_rows(call, shape))
     return linear_result(call, terms, acc, index, student_hidden)
 
 
