@@ -505,3 +505,14 @@ def test_importance_clip_arguments():
               old_logprobs=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="UniSDConfig.importance_clip must be > 0"):
         usd.UniSDConfig(importance_clip=0.0)
+
+
+@pytest.mark.parametrize("kind", ["topk", "given"])
+def test_view_mask_on_a_sparse_support(kind):
+    """Adaptive agreement: the views scored only where ``view_mask``."""
+    case = logits_case()
+    cfg = usd.UniSDConfig(agreement="token", agreement_gamma=0.7, tail_bucket=True)
+    view_mask = torch.rand(case["labels"].shape) < 0.5
+    assert_close(*logits_pair(case, cfg, kind, 21, extra={"view_mask": view_mask}))
+    lcase = make_case(V=V)
+    assert_close(*linear_pair(lcase, cfg, kind, 21, view_mask=torch.rand(2, 7) < 0.5))

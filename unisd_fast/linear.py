@@ -132,7 +132,7 @@ def unisd_linear_loss(
                        teacher_hidden, teacher_weight, teacher_bias, labels, views,
                        view_logprobs, negative_hidden, negative_logprobs, softcap, scale,
                        num_items_in_batch, chunk_bytes, teacher_indices, teacher_logprobs,
-                       teacher_label_logprobs, old_logprobs)
+                       teacher_label_logprobs, old_logprobs, view_mask)
     grad_on = torch.is_grad_enabled()
     shared = teacher_weight is student_weight
     if cfg.agreement == "none":
@@ -168,7 +168,7 @@ def _sparse(cfg, k, which, student_hidden, student_weight, student_bias, teacher
             teacher_weight, teacher_bias, labels, views, view_logprobs, negative_hidden,
             negative_logprobs, softcap, scale, num_items_in_batch, chunk_bytes,
             teacher_indices, teacher_logprobs, teacher_label_logprobs,
-            old_logprobs) -> UniSDOutput:
+            old_logprobs, view_mask) -> UniSDOutput:
     """The fused-linear loss on a sparse support (``ops.sparse_linear``)."""
     backend = backend_named(which)
     B, T, H = student_hidden.shape
@@ -201,7 +201,8 @@ def _sparse(cfg, k, which, student_hidden, student_weight, student_bias, teacher
         return sparse_linear_loss(
             call, support, (B, T), None if views is None else [flat(v) for v in views],
             detached(view_logprobs), flat(negative_hidden), detached(negative_logprobs),
-            student_hidden.detach(), detached(teacher_hidden), num_items_in_batch)
+            student_hidden.detach(), detached(teacher_hidden), num_items_in_batch,
+            None if view_mask is None else view_mask.detach())
 
     outs = SparseLinearFunction.apply(student_hidden, student_weight, student_bias, run)
     return UniSDOutput(*outs)

@@ -132,7 +132,8 @@ def unisd_loss(
             views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,
             negative_logprobs=negative_logprobs, student_hidden=student_hidden,
             teacher_hidden=teacher_hidden, num_items_in_batch=num_items_in_batch,
-            inplace_backward=inplace_backward, old_logprobs=old_logprobs))
+            inplace_backward=inplace_backward, old_logprobs=old_logprobs,
+            view_mask=view_mask))
     parts = unisd_fused(
         student_logits, teacher_logits, labels, backend=backend_named(which), config=cfg,
         views=views, view_logprobs=view_logprobs, negative_logits=negative_logits,

@@ -150,16 +150,13 @@ class Inputs:
                 self.tensor("negative_logprobs", negative_logprobs, (self.B, self.T), "(B, T)")
         return out
 
-    def view_mask(self, cfg, view_mask, given_support: bool):
+    def view_mask(self, cfg, view_mask):
         """view_mask: None, or a (B, T) bool tensor (the positions the views scored), only
-        with agreement and a dense teacher."""
+        with agreement."""
         if view_mask is None:
             return
         if cfg.agreement == "none":
             raise ValueError("view_mask is only accepted with agreement='token' or 'sequence'")
-        if given_support or cfg.topk is not None:
-            raise ValueError("view_mask is not supported with a sparse support (config.topk "
-                             "or teacher_indices)")
         if not isinstance(view_mask, torch.Tensor) or view_mask.dtype != torch.bool:
             raise TypeError(f"view_mask must be a torch.bool tensor, got "
                             f"{getattr(view_mask, 'dtype', type(view_mask).__name__)}")
@@ -289,7 +286,7 @@ def validate_inputs(cfg, student_logits, teacher_logits, labels, view_logits, vi
     views = inputs.options(cfg, ("view_logits", view_logits), view_logprobs,
                            ("negative_logits", negative_logits), negative_logprobs,
                            last=V, last_name="V")
-    inputs.view_mask(cfg, view_mask, given_support)
+    inputs.view_mask(cfg, view_mask)
     if cfg.feature_weight > 0:
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("feature_weight > 0 needs student_hidden and teacher_hidden "
@@ -350,7 +347,7 @@ def validate_linear_inputs(cfg, student_hidden, student_weight, teacher_hidden, 
                            ("negative_hidden", negative_hidden), negative_logprobs,
                            last=Ht, last_name="Ht", dtype=teacher_weight.dtype,
                            dtype_of="teacher_weight")
-    inputs.view_mask(cfg, view_mask, given_support)
+    inputs.view_mask(cfg, view_mask)
     if cfg.feature_weight > 0 and Ht != H:
         raise ValueError(f"feature_weight > 0 needs teacher_hidden with the student's hidden "
                          f"size H={H}, got Ht={Ht}")

@@ -110,7 +110,8 @@ def given_rows(teacher: SparseTeacher, rows: SupportRows, labels, mask):
 
 
 def sparse_terms(rows: SupportRows, teacher_lp, teacher_label, mask, cfg, view_lp,
-                 negative_lp, student_hidden, teacher_hidden, num_items_in_batch, old_lp):
+                 negative_lp, student_hidden, teacher_hidden, num_items_in_batch, old_lp,
+                 view_mask=None):
     """The loss terms of ``combine`` on a sparse support, and A (N x k, 0 on ignored rows)."""
     keep = mask.reshape(-1)
     d, A = support_divergence(rows.student_lp, teacher_lp, cfg)
@@ -121,7 +122,7 @@ def sparse_terms(rows: SupportRows, teacher_lp, teacher_label, mask, cfg, view_l
                      teacher_label, zeros)
     stats = RowStats(*(s.view(mask.shape) for s in stats))
     out = combine(stats, mask, cfg, view_lp, negative_lp, student_hidden, teacher_hidden,
-                  num_items_in_batch, old_lp=old_lp)
+                  num_items_in_batch, view_mask, old_lp)
     return out, A
 
 
@@ -154,7 +155,7 @@ class SparseFunction(torch.autograd.Function):
         teacher_lp, teacher_label = teacher_side(t, rows, labels, mask)
         out, A = sparse_terms(rows, teacher_lp, teacher_label, mask, cfg, view_lp,
                               negative_lp, student_hidden, call.teacher_hidden,
-                              call.num_items_in_batch, call.old_logprobs)
+                              call.num_items_in_batch, call.old_logprobs, call.view_mask)
         ctx.save_for_backward(student_logits, labels, *rows[:2], A, out.ck, out.cc,
                               out.hidden_grad)
         ctx.call = call
@@ -190,7 +191,8 @@ def outputs(ctx, out: Coefficients):
 def unisd_sparse(student_logits, labels, *, backend: RowBackend, config: UniSDConfig,
                  teacher: SparseTeacher, views=None, view_logprobs=None, negative_logits=None,
                  negative_logprobs=None, student_hidden=None, teacher_hidden=None,
-                 num_items_in_batch=None, inplace_backward=False, old_logprobs=None):
+                 num_items_in_batch=None, inplace_backward=False, old_logprobs=None,
+                 view_mask=None):
     """Run SparseFunction; returns its seven outputs (loss, kd, contrastive, feature, D, w,
     clipped)."""
     if inplace_backward and student_logits.stride(-1) != 1:
@@ -203,5 +205,5 @@ def unisd_sparse(student_logits, labels, *, backend: RowBackend, config: UniSDCo
         view_logprobs=view_logprobs, negative_logits=unit_stride(negative_logits),
         negative_logprobs=negative_logprobs, teacher_hidden=teacher_hidden,
         num_items_in_batch=num_items_in_batch, inplace_backward=inplace_backward,
-        old_logprobs=old_logprobs)
+        old_logprobs=old_logprobs, view_mask=view_mask)
     return SparseFunction.apply(unit_stride(student_logits), student_hidden, call, teacher)

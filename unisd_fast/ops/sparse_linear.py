@@ -105,7 +105,7 @@ def run_sparse_chunks(call: LinearCall, teacher: SparseTeacher, index, values, s
 
 def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_rows, view_lp,
                        negative_rows, negative_lp, student_hidden, teacher_hidden,
-                       num_items_in_batch) -> LinearResult:
+                       num_items_in_batch, view_mask=None) -> LinearResult:
     """The whole fused-linear loss on a sparse support; ``teacher`` holds the given support
     as (N, k) rows (or only k, for the student's top-k). Views and negative are scored first
     (``linear_chunks.score_rows``); ``clip_quantile`` adds a pass for the divergences."""
@@ -113,7 +113,8 @@ def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_row
     N = call.labels.shape[0]
     mask = call.labels != cfg.ignore_index
     index, view_lp, negative_lp, scales, b_lab = scored_rows(
-        call, shape, view_rows, view_lp, negative_rows, negative_lp, num_items_in_batch)
+        call, shape, view_rows, view_lp, negative_rows, negative_lp, num_items_in_batch,
+        view_mask)
     values = torch.zeros(N_ROW_VALUES, index.shape[0], device=index.device)
     acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
@@ -125,7 +126,7 @@ def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_row
     zeros = torch.zeros_like(d)
     stats = RowStats(zeros, zeros, d, zeros, s_lab, t_lab, zeros)
     terms = co.combine(stats, mask.view(shape), cfg, view_lp, negative_lp, student_hidden,
-                       teacher_hidden, num_items_in_batch, old_lp=old_rows(call, shape))
+                       teacher_hidden, num_items_in_batch, view_mask, old_rows(call, shape))
     return linear_result(call, terms, acc, index, student_hidden)
 
 
