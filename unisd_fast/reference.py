@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .backends.stable import jsd_remainder, shifted_kl
+from .backends.stable import MIX_NEAR_MAX_LOG_RATIO, mix_kl_terms, shifted_kl
 from .config import AGREEMENT_SCALE_FLOOR, SEQUENCE_WEIGHT_FLOOR, TAIL_LOG_MASS_CAP
 
 
@@ -73,27 +73,30 @@ def divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
 def stable_divergence(z, u, kind: str, tau: float, alpha: float = 0.5):
     """D in the shifted form: with dx = (z - u) / tau centred on its p_T-mean (a constant
     shift), D_fkl = log E_pT[e^x] - E_pT[x], and D_rkl likewise with p_S and -dx centred on
-    its p_S-mean; jsd from
-    both and the second-order remainders of log M (docs/losses.md). Differentiable in z.
+    its p_S-mean; jsd from the log-ratio r = lp_T - lp_S = L + mu - dx of the fkl shift, each
+    KL to the mixture in the terms of ``mix_kl_terms`` (docs/losses.md). Differentiable in z.
     Columns with a -inf take dx = 0 (right where both sides are -inf)."""
     log_ps = torch.log_softmax(z / tau, dim=-1)
     log_pt = torch.log_softmax(u / tau, dim=-1)
     p_s, p_t = log_ps.exp(), log_pt.exp()
+    both = (z == -math.inf) & (u == -math.inf)
     dx = torch.where((z == -math.inf) | (u == -math.inf), 0.0, z - u) / tau
     mu = (p_t * dx).sum(-1, keepdim=True).detach()
     x = dx - mu
     d_f, lg, _ = shifted_kl(p_t, x, log_pt + x)
     if kind == "fkl":
         return d_f
-    mu_s = (p_s * dx).sum(-1, keepdim=True).detach()
-    d_r, _, _ = shifted_kl(p_s, mu_s - dx, log_ps + mu_s - dx)
     if kind == "rkl":
+        mu_s = (p_s * dx).sum(-1, keepdim=True).detach()
+        d_r, _, _ = shifted_kl(p_s, mu_s - dx, log_ps + mu_s - dx)
         return d_r
     log_a = torch.tensor(math.log(alpha), dtype=z.dtype)
     log_1ma = torch.tensor(math.log1p(-alpha), dtype=z.dtype)
     r = (lg + mu.squeeze(-1)).unsqueeze(-1) - dx
-    kl_tm = (1 - alpha) * d_f - (p_t * jsd_remainder(-r, log_1ma, log_a)).sum(-1)
-    kl_sm = alpha * d_r - (p_s * jsd_remainder(r, log_a, log_1ma)).sum(-1)
+    near = torch.where(both, 0.0, r).detach().abs().amax(-1, keepdim=True) < \
+        MIX_NEAR_MAX_LOG_RATIO
+    kl_tm = _xlogy_terms(p_t, mix_kl_terms(-r, 1 - alpha, log_1ma, log_a, near)).sum(-1)
+    kl_sm = _xlogy_terms(p_s, mix_kl_terms(r, alpha, log_a, log_1ma, near)).sum(-1)
     return alpha * kl_tm + (1 - alpha) * kl_sm
 
 

@@ -22,7 +22,9 @@ STACK_ELEMENTS = 1 << 20
 
 
 class RowStats(NamedTuple):
-    """Per-row float32 (B, T) results of the stats pass; zeros on ignored rows.
+    """Per-row float32 (B, T) results of the stats pass; zeros on ignored rows. (The PyTorch
+    backend keeps ``lse_s`` and ``lse_t`` in float64, for the digits its gradient pass needs
+    on rows of large logits.)
 
     ``aux`` is KL(p_S || M) for jsd and unused (zeros) for fkl and rkl. ``lse_gap`` is
     lse_S - lse_T formed without cancellation (docs/losses.md, "Accuracy when the student is

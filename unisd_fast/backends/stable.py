@@ -14,6 +14,8 @@ EXPM1_SERIES_MAX = 0.5
 LOG1P_SERIES_MAX = 0.25
 # shifted_kl's log1p(w) is trusted for w = E_p[e^x] - 1 >= NEAR_MIN.
 NEAR_MIN = -0.5
+# mix_kl_terms takes its non-negative form on rows whose log-ratios all lie below this.
+MIX_NEAR_MAX_LOG_RATIO = 8.0
 
 # 1/2!, 1/3!, ..., 1/9!: e^x - 1 - x = x^2 (1/2! + x/3! + ...), truncation < 3e-9 relative.
 _EXP_COEFFS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880)
@@ -94,13 +96,22 @@ def log1p_alpha_expm1(r, log_a, log_1ma):
     return torch.where(small, near, far)
 
 
-def jsd_remainder(r, log_a, log_1ma):
-    """q(r) = log1p(a expm1(r)) - a r, second order in r: a (e^r - 1 - r) + f(a expm1(r))
-    with f = log1p_minus_w for small r, the direct difference otherwise."""
-    small = r.abs() < LOG1P_SERIES_MAX
-    rs = torch.where(small, r, 0.0)
-    a = torch.exp(log_a)
-    g = expm1_minus_x_series(rs)
-    near = a * g + log1p_minus_w(a * (rs + g))
-    far = log1p_alpha_expm1(r, log_a, log_1ma) - a * r
-    return torch.where(small, near, far)
+def expm1_stable(x):
+    """e^x - 1, from the series where |x| < 0.5 (compiled CPU code forms ``torch.expm1`` as
+    exp(x) - 1, see ``expm1_minus_x_series``) and directly beyond."""
+    small = x.abs() < EXPM1_SERIES_MAX
+    xs = torch.where(small, x, 0.0)
+    return torch.where(small, xs + expm1_minus_x_series(xs), torch.exp(x) - 1)
+
+
+def mix_kl_terms(y, k, log_k, log_1mk, near):
+    """Per-column terms c of KL(p || M) = sum p c for the mixture M = (1 - k) p + k q, with
+    y = log(q / p) per column and ``near`` a per-row mask (broadcast over the columns):
+      near rows: c = w - log1p(w) >= 0 with w = k expm1(y), since sum p expm1(y) = sum q -
+        sum p = 0: no term cancels another, and an error common to every y (the rows'
+        log-sum-exp gap) enters only at second order, so D keeps its digits however small;
+      other rows: c = -log((1 - k) + k e^y) directly (``log1p_alpha_expm1``): the terms are
+        large, k expm1(y) may overflow, and the dropped sum would cost more than it saves.
+    Callers mark rows near when every |y| < MIX_NEAR_MAX_LOG_RATIO."""
+    w = k * expm1_stable(torch.where(near, y, 0.0))
+    return torch.where(near, -log1p_minus_w(w), -log1p_alpha_expm1(y, log_k, log_1mk))

@@ -99,7 +99,7 @@ def scaled_grad(z, labels, stats: RowStats, grad_rows, finite: bool, ck, cc, tau
     g = grad_rows * ck.unsqueeze(-1)
     if cfg.contrastive_weight > 0:
         c = (cc / tau).unsqueeze(-1)
-        p_s = torch.exp(z.float() / tau - stats.lse_s.unsqueeze(-1))
+        p_s = torch.exp(z.float() / tau - stats.lse_s.float().unsqueeze(-1))
         g.sub_(c * p_s)
         g.scatter_add_(-1, torch.where(labels != cfg.ignore_index, labels, 0).long()
                        .unsqueeze(-1), c)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.protocol import RowStats
 from ..backends.pytorch import TorchBackend, passes
 from ..backends.pytorch.compiler import specialise
 from ..config import DIVERGENCES
@@ -48,7 +47,7 @@ def whole(z, u, y, views, view_lp, negative, negative_lp, sh, th, num_items, vie
     else:
         values, grad_rows, flags = passes.stats_grad_shifted(*args[:5], divergence)
         ok = flags.all()
-    stats = RowStats(*values.view(7, B, T).unbind(0))
+    stats = passes.row_stats(values, B, T)
     if views is not None:
         view_lp = _labels(views, y, keep, cfg.view_temperature)
     if negative is not None:
@@ -117,7 +116,7 @@ def run(call: FusedCall, student_logits, student_hidden):
         call.view_mask, call.old_logprobs)]
     *outs, grad_z, grad_h, ok = compiler.run(
         WHOLE[cfg.divergence], *args, compiler.scalar(cfg.temperature, z),
-        compiler.scalar(cfg.jsd_alpha, z), cfg, mark_rows=False)
+        compiler.scalar(cfg.jsd_alpha, z, torch.float64), cfg, mark_rows=False)
     if ok is not None and not bool(ok):
         return None
     loss = GradientFunction.apply(z, student_hidden, outs[0], grad_z, grad_h,

@@ -111,10 +111,12 @@ class TorchBackend:
 
     def row_stats(self, z, u, labels, *, divergence: str, tau: float, alpha: float,
                   ignore_index: int) -> RowStats:
-        """Per-row (lse_S, lse_T, D, aux, s_y, t_y, lse_S - lse_T), float32 (B, T) each."""
+        """Per-row (lse_S, lse_T, D, aux, s_y, t_y, lse_S - lse_T), (B, T) each: float32 but
+        the log-sum-exps, float64 (``passes.anchor``)."""
         B, T, V = z.shape
         zr, ur, yr = Rows(z), Rows(u), Rows(labels)
-        tau_t, alpha_t = self.compiler.scalar(tau, z), self.compiler.scalar(alpha, z)
+        tau_t = self.compiler.scalar(tau, z)
+        alpha_t = self.compiler.scalar(alpha, z, torch.float64)
         stats = STATS[divergence]
 
         def block(r0, r1):
@@ -122,8 +124,8 @@ class TorchBackend:
             return self.compiler.run(stats, zr.block(r0, r1), ur.block(r0, r1), y,
                                      y != ignore_index, tau_t, alpha_t)
 
-        outs = self._blocks(block, B * T, V, (7, B * T), torch.float32, z.device)
-        return RowStats(*outs.view(7, B, T).unbind(0))
+        return passes.row_stats(self._blocks(block, B * T, V, (7, B * T), torch.float64,
+                                             z.device), B, T)
 
     def row_stats_and_grad(self, z, u, labels, *, divergence: str, tau: float, alpha: float,
                            ignore_index: int):
@@ -140,7 +142,7 @@ class TorchBackend:
             return None
         y = labels.reshape(n)
         args = (z.reshape(n, V), u.reshape(n, V), y, y != ignore_index,
-                self.compiler.scalar(tau, z), self.compiler.scalar(alpha, z))
+                self.compiler.scalar(tau, z), self.compiler.scalar(alpha, z, torch.float64))
         shifted = STATS_GRADS_SHIFTED.get(divergence) if z.device.type == "cpu" else None
         finite = False
         if shifted is not None:
@@ -148,7 +150,7 @@ class TorchBackend:
             finite = bool(ok.all())
         if not finite:
             stats, grad = self.compiler.run(STATS_GRADS[divergence], *args)
-        return RowStats(*stats.view(7, B, T).unbind(0)), grad.view(B, T, V), finite
+        return passes.row_stats(stats, B, T), grad.view(B, T, V), finite
 
     def label_logprob(self, x, labels, *, tau: float, ignore_index: int):
         """log softmax(x / tau)[labels] per row as float32 (B, T); 0 on ignored rows."""
@@ -165,14 +167,18 @@ class TorchBackend:
 
     def write_grad(self, z, u, labels, out, stats: RowStats, ck, cc, *, divergence: str,
                    tau: float, alpha: float) -> None:
-        """Write d loss / d z into ``out`` (may be ``z`` itself) from the row stats and the
-        coefficients. Rows with ck = cc = 0 (ignored, or clipped without hinge) are written
-        as zeros, so non-finite values there never reach the gradient."""
+        """Write d loss / d z into ``out`` (may be ``z`` itself) from the row stats (their
+        log-sum-exps as float64 anchors) and the coefficients. Rows with ck = cc = 0
+        (ignored, or clipped without hinge) are written as zeros, so non-finite values there
+        never reach the gradient."""
         B, T, V = z.shape
         zr, ur, yr, outr = Rows(z), Rows(u), Rows(labels), Rows(out)
-        rows = [t.reshape(-1) for t in (stats.lse_s, stats.lse_t, stats.lse_gap,
-                                        stats.divergence, stats.aux, ck, cc)]
-        tau_t, alpha_t = self.compiler.scalar(tau, z), self.compiler.scalar(alpha, z)
+        tau_t = self.compiler.scalar(tau, z)
+        alpha_t = self.compiler.scalar(alpha, z, torch.float64)
+        anchors = (*passes.anchor(stats.lse_s.reshape(-1).double(), tau_t),
+                   *passes.anchor(stats.lse_t.reshape(-1).double(), tau_t))
+        rows = [*anchors, *(t.reshape(-1) for t in (stats.lse_gap, stats.divergence, stats.aux,
+                                                   ck, cc))]
         for r0, r1 in self.row_ranges(B * T, V):
             block = outr.flat[r0:r1] if outr.flat is not None else torch.empty(
                 (r1 - r0, V), dtype=out.dtype, device=out.device)

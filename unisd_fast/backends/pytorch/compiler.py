@@ -74,13 +74,13 @@ class Compiler:
             self.enabled = False
             return fn(*args)
 
-    def scalar(self, value: float, like: torch.Tensor) -> torch.Tensor:
-        """``value`` as a 0-dim float32 tensor on ``like``'s device, made once per value."""
-        key = (value, like.device)
+    def scalar(self, value: float, like: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``value`` as a 0-dim ``dtype`` tensor on ``like``'s device, made once per value."""
+        key = (value, like.device, dtype)
         out = self._scalars.get(key)
         if out is None:
             if len(self._scalars) >= SCALAR_CACHE_SIZE:
                 self._scalars.clear()
-            out = self._scalars[key] = torch.tensor(value, dtype=torch.float32,
-                                                    device=like.device)
+            out = self._scalars[key] = torch.tensor(value, dtype=dtype, device=like.device)
         return out

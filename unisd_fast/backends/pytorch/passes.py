@@ -4,7 +4,8 @@ where a compiler works).
 
 The per-block math follows docs/losses.md, "Accuracy when the student is close to the
 teacher"; docs/kernels.md, "The CPU backend", describes the passes. Every function takes the
-run-time scalars (tau, alpha) as 0-dim tensors, so that a compiled graph serves every value;
+run-time scalars (tau, alpha) as 0-dim tensors, so that a compiled graph serves every value
+(alpha in float64, see ``_mix_weights``);
 the divergence (and the gradient's target) come last, as constants that
 ``compiler.specialise`` binds, one compiled function each.
 """
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from ..protocol import RowStats
 from ..stable import (
+    MIX_NEAR_MAX_LOG_RATIO,
     expm1_minus_x_series,
-    jsd_remainder,
     log1p_alpha_expm1,
+    mix_kl_terms,
     shifted_finish,
     shifted_kl,
     shifted_terms,
@@ -46,6 +49,46 @@ def _logsumexp(x):
     return (m.double() + total.log()).to(x.dtype)
 
 
+def _mix_weights(alpha):
+    """(a, 1 - a, log a, log(1 - a)) as float32 0-dim tensors from the float64 0-dim
+    ``alpha``: 1 - a is formed before rounding (from a float32 alpha of 0.999 it is off by
+    1.3e-5 relative, and so is every term it weights)."""
+    return tuple(v.float() for v in (alpha, 1 - alpha, torch.log(alpha), torch.log1p(-alpha)))
+
+
+def _log_softmax(x, tau):
+    """(lse in float64, float32 log-probs) of x / tau over the last dimension (lse kept),
+    from the differences to the row maximum: (x - max) / tau costs no digits where x / tau
+    would (a peaked row of logits / tau of size 40 keeps p_max to an ulp, not to 40 ulps);
+    the sum in float64 as in _logsumexp."""
+    m = x.amax(-1, keepdim=True)
+    m = torch.where(m.isfinite(), m, 0.0)
+    b = (x - m) / tau
+    log_total = torch.exp(b).sum(-1, keepdim=True, dtype=torch.float64).log()
+    return m.double() / tau + log_total, b - log_total.float()
+
+
+def anchor(lse, tau):
+    """(c, e), float32 per row, with lse = c / tau + e for the float64 log-sum-exps ``lse``:
+    c = tau lse rounded (a logit near the row's largest), e the small rest, formed in float64.
+    log p = (x - c) / tau - e then keeps the digits that x / tau - lse loses in float32 when
+    logits / tau are large (``log_probs``)."""
+    c = (lse * tau).float()
+    return c, (lse - c.double() / tau).float()
+
+
+def log_probs(x, c, e, tau):
+    """log softmax(x / tau) of a block from its rows' ``anchor`` (c, e)."""
+    return (x - c.unsqueeze(-1)) / tau - e.unsqueeze(-1)
+
+
+def row_stats(values, *shape):
+    """``RowStats`` of the float64 (7, rows) stack of the stats passes, viewed as ``shape``:
+    the log-sum-exps stay float64 (``anchor``), the rest float32."""
+    lse_s, lse_t, *rest = values.view(7, *shape).unbind(0)
+    return RowStats(lse_s, lse_t, *(v.float() for v in rest))
+
+
 def _xlogy_terms(p, diff):
     """p * diff with 0 where p == 0 (0 log 0 = 0)."""
     return torch.where(p == 0, 0.0, p * diff)
@@ -62,65 +105,65 @@ def _xlogy_sum(p, diff):
 #   shift (see stable.shifted_kl) near the p-mean of dx even on nearly one-hot rows; x = dx - mu;
 #   fkl: D, L = shifted_kl(p_T, x), lse_S - lse_T = L + mu
 #   rkl: D, L = shifted_kl(p_S, -x), lse_S - lse_T = mu - L
-#   jsd: r = lp_T - lp_S = gap - dx; KL(p_T||M) = (1-a) D_fkl - sum p_T q(-r; 1-a),
-#        KL(p_S||M) = a D_rkl - sum p_S q(r; a), D = a KL(p_T||M) + (1-a) KL(p_S||M).
+#   jsd: gap from the fkl shift, r = lp_T - lp_S = gap - dx; per row, with M = (1-a) p_S +
+#        a p_T, KL(p_T||M) and KL(p_S||M) from stable.mix_kl_terms (non-negative terms on
+#        rows whose |r| stay below MIX_NEAR_MAX_LOG_RATIO, the direct log of the mixture
+#        ratio elsewhere), D = a KL(p_T||M) + (1-a) KL(p_S||M).
 # Rows with a one-sided -inf column, whose shifted sums overflow, or whose shifted mean
-# E[e^x] is below 1/2 (student far from teacher, D not small) use the textbook forms.
-# Returns the (7, rows) stack of (lse_S, lse_T, D, aux, lp_S(y), lp_T(y), lse_S - lse_T),
-# zero on rows where ``keep`` is False (ignored labels).
+# E[e^x] is below 1/2 (student far from teacher, D not small) use the textbook forms
+# (for jsd: the textbook gap; the textbook sums only on rows with a one-sided column).
+# Returns the float64 (7, rows) stack of (lse_S, lse_T, D, aux, lp_S(y), lp_T(y),
+# lse_S - lse_T) (``row_stats``), zero on rows where ``keep`` is False (ignored labels).
 def stats(z, u, y, keep, tau, alpha, divergence: str):
     y = torch.where(keep, y, 0).long()
     zf = z.float()
     uf = u.float()
-    s = zf / tau
-    t = uf / tau
     both, one = _columns(zf, uf)
-    lse_s = _logsumexp(s)
-    lse_t = _logsumexp(t)
-    lp_s = s - lse_s
-    lp_t = t - lse_t
+    lse_s, lp_s = _log_softmax(zf, tau)
+    lse_t, lp_t = _log_softmax(uf, tau)
     p_s = lp_s.exp()
     p_t = lp_t.exp()
     dx = torch.where(both | one, 0.0, (zf - uf) / tau)
-    base = s if divergence == "rkl" else t
+    base = lp_s if divergence == "rkl" else lp_t
     peak = base == base.amax(-1, keepdim=True)
     mu = torch.where(peak, dx, 0.0).sum(-1, keepdim=True) / peak.sum(-1, keepdim=True)
     mu = torch.where(mu.isfinite(), mu, 0.0)
     x = dx - mu
-    classic_gap = (lse_s - lse_t).squeeze(-1)
+    classic_gap = (lse_s - lse_t).squeeze(-1).float()
     ok = ~one.any(-1)
     zeros = torch.zeros_like(classic_gap)
     if divergence == "rkl":
-        d_r, lg, near = shifted_kl(p_s, -x, t + mu - lse_s)
+        d_r, lg, near = shifted_kl(p_s, -x, lp_s - x)
         ok = ok & near & d_r.isfinite()
         gap = (mu.squeeze(-1) - lg)
         classic = _xlogy_sum(p_s, lp_s - lp_t)
         d = torch.where(ok, d_r, classic)
         aux = zeros
     else:
-        d_f, lg, near = shifted_kl(p_t, x, s - mu - lse_t)
+        d_f, lg, near = shifted_kl(p_t, x, lp_t + x)
         ok = ok & near & d_f.isfinite()
         gap = lg + mu.squeeze(-1)
         if divergence == "fkl":
             d = torch.where(ok, d_f, _xlogy_sum(p_t, lp_t - lp_s))
             aux = zeros
         else:
-            d_r, _, near = shifted_kl(p_s, -x, t + mu - lse_s)
-            ok = ok & near & d_r.isfinite()
-            log_a = torch.log(alpha)
-            log_1ma = torch.log1p(-alpha)
+            a, one_ma, log_a, log_1ma = _mix_weights(alpha)
             r = torch.where(ok, gap, classic_gap).unsqueeze(-1) - dx
-            kl_tm = (1 - alpha) * d_f - _xlogy_sum(p_t, jsd_remainder(-r, log_1ma, log_a))
-            kl_sm = alpha * d_r - _xlogy_sum(p_s, jsd_remainder(r, log_a, log_1ma))
+            near = torch.where(both, 0.0, r).abs().amax(-1, keepdim=True) < \
+                MIX_NEAR_MAX_LOG_RATIO
+            kl_tm = _xlogy_sum(p_t, mix_kl_terms(-r, one_ma, log_1ma, log_a, near))
+            kl_sm = _xlogy_sum(p_s, mix_kl_terms(r, a, log_a, log_1ma, near))
             log_m = torch.logaddexp(lp_s + log_1ma, lp_t + log_a)
-            kl_tm = torch.where(ok, kl_tm, _xlogy_sum(p_t, lp_t - log_m))
-            kl_sm = torch.where(ok, kl_sm, _xlogy_sum(p_s, lp_s - log_m))
-            d = alpha * kl_tm + (1 - alpha) * kl_sm
+            two_sided = ~one.any(-1)
+            kl_tm = torch.where(two_sided, kl_tm, _xlogy_sum(p_t, lp_t - log_m))
+            kl_sm = torch.where(two_sided, kl_sm, _xlogy_sum(p_s, lp_s - log_m))
+            d = a * kl_tm + one_ma * kl_sm
             aux = kl_sm
     gap = torch.where(ok, gap, classic_gap)
     s_lab = lp_s.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     t_lab = lp_t.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    values = torch.stack((lse_s.squeeze(-1), lse_t.squeeze(-1), d, aux, s_lab, t_lab, gap))
+    values = torch.stack((lse_s.squeeze(-1), lse_t.squeeze(-1), *(v.double() for v in (
+        d, aux, s_lab, t_lab, gap))))
     return torch.where(keep, values, 0.0)
 
 
@@ -137,18 +180,19 @@ def label_block(x, y, keep, tau):
 
 # Gradient of one block, written into out:
 #   dz = (ck * G + cc * (onehot(y) - p_S)) / tau, and 0 on rows with ck = cc = 0, with
+#   log p_S, log p_T from the rows' ``anchor`` (c, e) of the float64 lse_S, lse_T, and
 #   r = lp_T - lp_S = (u - z) / tau + (lse_S - lse_T) formed without cancellation and
 #   fkl: G = p_S - p_T = p_T expm1(-r)       (p_S - p_T directly where |r| >= 0.5)
 #   rkl: G = p_S (-r - D)
 #   jsd: G = (1-a) p_S (-log1p(a expm1(r)) - AUX)
 # Columns where both sides are -inf get 0; one-sided -inf columns use r = lp_T - lp_S.
 # divergence_grad returns (G, p_S); grad writes dz into out (which may be z or u).
-def divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence: str):
+def divergence_grad(z, u, c_s, e_s, c_t, e_t, gap, d, aux, tau, alpha, divergence: str):
     zf = z.float()
     uf = u.float()
     both, one = _columns(zf, uf)
-    lp_s = zf / tau - lse_s.unsqueeze(-1)
-    lp_t = uf / tau - lse_t.unsqueeze(-1)
+    lp_s = log_probs(zf, c_s, e_s, tau)
+    lp_t = log_probs(uf, c_t, e_t, tau)
     p_s = lp_s.exp()
     p_t = lp_t.exp()
     r = torch.where(both, 0.0, (uf - zf) / tau) + gap.unsqueeze(-1)
@@ -160,13 +204,15 @@ def divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence: str
     elif divergence == "rkl":
         g_div = _xlogy_terms(p_s, -r - d.unsqueeze(-1))
     else:
-        lms = log1p_alpha_expm1(r, torch.log(alpha), torch.log1p(-alpha))
-        g_div = (1 - alpha) * _xlogy_terms(p_s, -lms - aux.unsqueeze(-1))
+        _, one_ma, log_a, log_1ma = _mix_weights(alpha)
+        lms = log1p_alpha_expm1(r, log_a, log_1ma)
+        g_div = one_ma * _xlogy_terms(p_s, -lms - aux.unsqueeze(-1))
     return g_div, p_s
 
 
-def grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence: str):
-    g_div, p_s = divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence)
+def grad(out, z, u, y, c_s, e_s, c_t, e_t, gap, d, aux, ck, cc, tau, alpha, divergence: str):
+    g_div, p_s = divergence_grad(z, u, c_s, e_s, c_t, e_t, gap, d, aux, tau, alpha,
+                                 divergence)
     cols = torch.arange(z.shape[-1], device=z.device)
     onehot = (cols == y.unsqueeze(-1)).float()
     g = (ck.unsqueeze(-1) * g_div + cc.unsqueeze(-1) * (onehot - p_s)) / tau
@@ -179,10 +225,10 @@ def grad(out, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence
 # compiled graph is never handed one tensor twice, once mutated: torch.compile turns such
 # aliased inputs into a "synthetic base" whose cached graphs fail when the base's size
 # changes between processes.
-def grad_into(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence: str,
+def grad_into(z, u, y, c_s, e_s, c_t, e_t, gap, d, aux, ck, cc, tau, alpha, divergence: str,
               target: str):
-    grad(z if target == "z" else u, z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha,
-         divergence)
+    grad(z if target == "z" else u, z, u, y, c_s, e_s, c_t, e_t, gap, d, aux, ck, cc, tau,
+         alpha, divergence)
 
 
 # The small-input pass: the stats of ``stats`` and, from them in the same call, G / tau of
@@ -191,7 +237,8 @@ def grad_into(z, u, y, lse_s, lse_t, gap, d, aux, ck, cc, tau, alpha, divergence
 def stats_grad(z, u, y, keep, tau, alpha, divergence: str):
     values = stats(z, u, y, keep, tau, alpha, divergence)
     lse_s, lse_t, d, aux, _, _, gap = values.unbind(0)
-    g_div, _ = divergence_grad(z, u, lse_s, lse_t, gap, d, aux, tau, alpha, divergence)
+    g_div, _ = divergence_grad(z, u, *anchor(lse_s, tau), *anchor(lse_t, tau), gap.float(),
+                               d.float(), aux.float(), tau, alpha, divergence)
     return values, torch.where(keep.unsqueeze(-1), g_div / tau, 0.0)
 
 
@@ -232,7 +279,7 @@ def stats_grad_shifted(z, u, y, keep, tau, divergence: str):
     a = wx.sum(-1, dtype=acc) / total
     d, lg, near = shifted_finish(a, term.sum(-1, dtype=acc) / total)
     log_total = total.log()
-    lse_p = m.squeeze(-1) * inv + log_total
+    lse_p = m.squeeze(-1).double() / tau + log_total
     shift = mu.squeeze(-1) + lg
     scale = (inv / total).float().unsqueeze(-1)
     if divergence == "fkl":
@@ -249,9 +296,9 @@ def stats_grad_shifted(z, u, y, keep, tau, divergence: str):
     lp_p = b.gather(-1, y).squeeze(-1) - log_total
     lp_o = lp_p + x.gather(-1, y).squeeze(-1) - lg
     s_lab, t_lab = (lp_o, lp_p) if divergence == "fkl" else (lp_p, lp_o)
-    lse_s, lse_t, d, gap = lse_s.float(), lse_t.float(), d.float(), gap.float()
-    values = torch.stack((lse_s, lse_t, d, torch.zeros_like(d), s_lab.float(), t_lab.float(),
-                          gap))
+    d, gap = d.float(), gap.float()
+    values = torch.stack((lse_s, lse_t, *(v.double() for v in (
+        d, torch.zeros_like(d), s_lab.float(), t_lab.float(), gap))))
     ok = near & d.isfinite() & gap.isfinite() & lse_p.isfinite()
     return (torch.where(keep, values, 0.0), torch.where(keep.unsqueeze(-1), g, 0.0),
             ok | ~keep)
