@@ -85,7 +85,7 @@ class VocabShards:
         local = backend.row_stats(z, u, labels.clamp(min=0),
                                   divergence="fkl" if divergence == "jsd" else divergence,
                                   tau=tau, alpha=alpha, ignore_index=ELSEWHERE)
-        parts = _gather(torch.stack((*local, holds.float())), self.group)
+        parts = _gather(torch.stack((*(x.float() for x in local), holds.float())), self.group)
         lse_s, lse_t, d, s_y, t_y, gap = combine_rows(parts, divergence)
         aux = torch.zeros_like(d)
         if divergence == "jsd":
