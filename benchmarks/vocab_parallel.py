@@ -30,7 +30,7 @@ NAME = "vocab-parallel"
 STATS_FLOATS = 8  # RowStats (7) and the label-holding flag, float32, all-gathered per row
 JSD_FLOATS = 2  # KL(p_T || M), KL(p_S || M) shard sums, float64, all-reduced per row
 SCORE_FLOATS = 3  # lse, label logit, flag per scored row (views, negative), float64
-LAYOUT_BYTES = 16  # rows and chunk size per rank, once per call
+LAYOUT_BYTES = 32  # rows, chunk size, label rows and kept rows per rank, once per call
 
 
 def gather_bytes(per_rank: int, ranks: int) -> float:

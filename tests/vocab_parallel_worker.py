@@ -207,12 +207,33 @@ def run_case(name: str, case: dict, V: int) -> dict:
                     strict=True))
 
 
+def mismatch_raises() -> bool:
+    """Whether every rank gets the ValueError when rank 0 ignores one more label than the
+    others (the ranks would otherwise cut different chunks and their collectives hang)."""
+    V, rank = 20, dist.get_rank()
+    sizes = uneven_sizes(V, dist.get_world_size())
+    rows = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(1, 4, H, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([[1, 2, 3, -100 if rank == 0 else 4]])
+    raised = 0.0
+    try:
+        unisd_linear_loss(h, w[rows], h, w[rows], labels, impl="torch",
+                          vocab_parallel=dist.group.WORLD)
+    except ValueError as e:
+        raised = float("the same hidden states and labels" in str(e))
+    flag = torch.tensor([raised])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     out_path, names = sys.argv[1], sys.argv[2:] or list(CASES)
     V = int(os.environ.get("VOCAB", "37"))
     results = {name: run_case(name, CASES[name], V) for name in names}
+    results["_checks"] = {"mismatched labels raise": mismatch_raises()}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

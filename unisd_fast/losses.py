@@ -90,8 +90,9 @@ def unisd_loss(
     cfg = check_config(config)
     shards = None
     if vocab_parallel is not None:
-        Inputs("student_logits", student_logits, "V")  # a tensor's checks before the gather
-        shards = logit_shards(vocab_parallel, student_logits)
+        # the logits' and labels' own checks before the gather
+        Inputs("student_logits", student_logits, "V").labels(labels)
+        shards = logit_shards(vocab_parallel, student_logits, labels, cfg.ignore_index)
         if teacher_indices is not None or cfg.topk is not None:
             raise ValueError("a sparse support (config.topk or teacher_indices) needs whole "
                              "logits, not vocab_parallel shards")

@@ -66,7 +66,8 @@ def _initialised() -> None:
                          "initialised")
 
 
-def logit_shards(vocab_parallel, student_logits: torch.Tensor) -> VocabShards | None:
+def logit_shards(vocab_parallel, student_logits: torch.Tensor, labels: torch.Tensor,
+                 ignore_index: int) -> VocabShards | None:
     """The shards of (B, T, V_r) logits split over ``vocab_parallel`` (None: whole logits),
     their layout gathered over the group."""
     split = _split(vocab_parallel)
@@ -75,8 +76,8 @@ def logit_shards(vocab_parallel, student_logits: torch.Tensor) -> VocabShards | 
     _check_size(split.vocab_size)
     _initialised()
     group = split.group or dist.group.WORLD
-    return VocabShards(group, gather_layout(student_logits.shape[-1], 1, group,
-                                            student_logits.device, split.vocab_size))
+    return VocabShards(group, gather_layout(student_logits.shape[-1], 1, labels, ignore_index,
+                                            group, split.vocab_size))
 
 
 def _local(name: str, x, meshes: list):

@@ -94,8 +94,8 @@ def linear_loss_op(*args):
     shards = None
     if a.vocab_group is not None:
         group = torch.distributed.distributed_c10d._resolve_process_group(a.vocab_group)
-        layout = gather_layout(a.student_weight.shape[0], a.chunk_bytes, group, hs.device,
-                               a.vocab_size)
+        layout = gather_layout(a.student_weight.shape[0], a.chunk_bytes, a.labels,
+                               cfg.ignore_index, group, a.vocab_size)
         shards = VocabShards(group, layout)
     check_labels(a.labels, a.student_weight.shape[0] if shards is None else shards.layout.full,
                  cfg.ignore_index)

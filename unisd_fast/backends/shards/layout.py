@@ -37,15 +37,22 @@ class ShardLayout:
         return max(self.sizes)
 
 
-def gather_layout(rows: int, chunk_bytes: int, group, device: torch.device,
+def gather_layout(rows: int, chunk_bytes: int, labels: torch.Tensor, ignore_index: int, group,
                   vocab_size: int | None = None) -> ShardLayout:
-    """The layout from each rank's head rows and chunk size (one all-gather of two ints).
-    ValueError where a shard is empty or the shards do not add up to ``vocab_size`` (when
-    given)."""
+    """The layout from each rank's head rows and chunk size, with its count of label rows
+    and of kept ones (one all-gather of four ints). ValueError where a shard is empty, the
+    shards do not add up to ``vocab_size`` (when given), or the ranks' label counts differ
+    (they must pass the same rows, or their collectives would not pair up)."""
     world = dist.get_world_size(group)
-    mine = torch.tensor([rows, chunk_bytes], dtype=torch.int64, device=device)
+    mine = torch.stack([torch.tensor(rows), torch.tensor(chunk_bytes),
+                        torch.tensor(labels.numel()),
+                        (labels != ignore_index).sum().cpu()]).to(labels.device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
+    counts = {tuple(int(x) for x in p[2:].tolist()) for p in parts}
+    if len(counts) > 1:
+        raise ValueError(f"vocab_parallel: every rank must pass the same hidden states and "
+                         f"labels; the ranks' (rows, rows not ignored) are {sorted(counts)}")
     sizes = tuple(int(p[0].item()) for p in parts)
     if min(sizes) == 0:
         raise ValueError(f"vocab_parallel: every rank must hold at least one head row, got "
