@@ -165,3 +165,23 @@ def test_seed_table_spans_the_runs(tmp_path):
     row = next(r for r in text.splitlines() if r.startswith("| student"))
     assert f"| 0.0% ± 0.0% | 95.0% ± {statistics.stdev([0.9, 1.0]):.1%} | [90.0%, 100.0%] |" in row
     assert "[0.500, 1.500]" in text and "(2 seeds)" in text
+
+
+def test_adaptive_agreement_experiment_end_to_end(tmp_path):
+    from experiments import adaptive_agreement
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--output", str(out), "--work-dir", str(work), "--modes", "lora", "--seeds", "0",
+            "--steps", "1", "--batch-size", "4", "--pretrain-max-steps", "2", "--workers", "0",
+            "--coverage", "0.5", "--compare-coverages", "0.5,0.9"]
+    assert adaptive_agreement.main(argv) == 0
+    with (out / "records.csv").open() as f:
+        methods = sorted(r["method"] for r in csv.DictReader(f))
+    assert methods == ["agreement/agreement_gamma=1",
+                       "agreement/agreement_gamma=1/agreement_coverage=0.5", "base"]
+    assert "| agreement/agreement_gamma=1/agreement_coverage=0.5 |" in \
+        (out / "adaptive_effects.md").read_text()
+    assert "| lora | 1 |" in (out / "views.md").read_text()
+    rows = [r for r in (out / "same_batches.md").read_text().splitlines() if "| base |" in r
+            or "| trained" in r]
+    assert len(rows) == 4  # base and the trained LoRA student, two coverages each
