@@ -41,6 +41,13 @@ CASES = {
     "fsdp-lora": dict(method="unisd_star", parallel="fsdp"),
     "ddp-lora-linear": dict(method="unisd_star", parallel="ddp", loss_path="linear"),
     "fsdp-full-linear": dict(method="unisd_star", lora_r=0, parallel="fsdp", loss_path="linear"),
+    # adaptive agreement: each micro-batch's views on its selected rows only; under FSDP a
+    # coverage this small selects one row of two on every rank, so the rank-agreed count
+    # adds none and the run must equal one rank's
+    "ddp-lora-adaptive": dict(method="unisd_star", parallel="ddp", agreement_gamma=1.0,
+                              agreement_coverage=0.6),
+    "fsdp-full-adaptive": dict(method="unisd_star", lora_r=0, parallel="fsdp",
+                               agreement_gamma=1.0, agreement_coverage=0.01),
 }
 FP64_TOL = dict(rtol=1e-9, atol=1e-12)
 # unisd_linear_loss computes its loss and logit gradients in float32 (docs/api.md)
@@ -111,7 +118,7 @@ def assert_same_run(a, b, tol=FP64_TOL):
         torch.testing.assert_close(wb[name], value, **tol, msg=name)
 
 
-IN_CI = ("ddp-lora-linear", "fsdp-full")
+IN_CI = ("ddp-lora-linear", "fsdp-full", "fsdp-full-adaptive")
 
 
 def cases(names):
@@ -132,6 +139,10 @@ def test_two_ranks_match_one(tmp_path, case):
     assert_same_run(one, two, LINEAR_TOL if cfg["loss_path"] == "linear" else FP64_TOL)
     first = train_records(one)[0]
     assert first["loss"] > 0 and first["tokens"] > 0
+    if "agreement_coverage" in cfg:
+        assert [r["view_token_frac"] for r in train_records(one)] == \
+            [r["view_token_frac"] for r in train_records(two)]
+        assert min(r["view_token_frac"] for r in train_records(one)) < 1
 
 
 @pytest.mark.parametrize("case", cases(["ddp-lora", "fsdp-full"]))
