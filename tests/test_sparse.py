@@ -12,11 +12,17 @@ from sparse_inputs import as64, assert_close, given_support, options_inputs, rel
 import unisd_fast as usd
 from unisd_fast.backends.pytorch import TorchBackend
 from unisd_fast.backends.pytorch import sparse as torch_sparse
+from unisd_fast.backends.triton import TritonBackend
 
 V = 1001
 TILE = 96  # 1001 = 10 * 96 + 41: the top-k merges over 11 tiles
 TILED = TorchBackend(cpu_vocab_tile=TILE)
 WHOLE_HEAD = TorchBackend(cpu_vocab_tile=None)
+TRITON = TritonBackend(max_block=256)  # 1001 = 3 * 256 + 233: four vocabulary tiles
+IMPLS = {"torch": "torch", "triton": TRITON}
+# Triton's interpreter is slow: the full matrix of its cases is marked slow, and
+# test_triton_subset runs a few of every kind by default.
+IMPL_PARAMS = ["torch", pytest.param("triton", marks=pytest.mark.slow)]
 CHUNK = 3 * 2 * V * 4
 DIVERGENCES = [{"divergence": "fkl"}, {"divergence": "rkl"},
                {"divergence": "jsd", "jsd_alpha": 0.3}]
@@ -57,12 +63,14 @@ def logits_pair(case, cfg, kind, k, impl="torch", extra=None, grad_hidden=False)
     return got, exp
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
 @pytest.mark.parametrize("div", DIVERGENCES, ids=div_id)
 @pytest.mark.parametrize("kind", ["topk", "given"])
-def test_logits_divergences(kind, div, tail):
+def test_logits_divergences(kind, div, tail, impl):
     case = logits_case()
-    assert_close(*logits_pair(case, usd.UniSDConfig(tail_bucket=tail, **div), kind, 37))
+    assert_close(*logits_pair(case, usd.UniSDConfig(tail_bucket=tail, **div), kind, 37,
+                              impl=IMPLS[impl]))
 
 
 OPTIONS = [
@@ -81,9 +89,10 @@ def option_id(o):
     return ",".join(f"{k}={v}" for k, v in o.items())
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("option", OPTIONS, ids=option_id)
 @pytest.mark.parametrize("kind", ["topk", "given"])
-def test_logits_options(kind, option):
+def test_logits_options(kind, option, impl):
     case = logits_case()
     cfg = usd.UniSDConfig(tail_bucket=True, **option)
     extra = {}
@@ -91,7 +100,8 @@ def test_logits_options(kind, option):
         _, _, lp = given_support(case["teacher_logits"], 1, cfg.temperature)
         y = case["labels"].clamp(min=0)
         extra["teacher_label_logprobs"] = lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()
-    got, exp = logits_pair(case, cfg, kind, 29, extra=extra, grad_hidden=True)
+    got, exp = logits_pair(case, cfg, kind, 29, impl=IMPLS[impl], extra=extra,
+                           grad_hidden=True)
     assert_close(got, exp)
     if cfg.clip is not None or cfg.clip_quantile is not None:
         assert exp[0].clipped.any()
@@ -125,12 +135,14 @@ def test_contrastive_labels_in_given_support():
     assert exp[0].contrastive > 0
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
 @pytest.mark.parametrize("kind", ["topk", "given"])
 @pytest.mark.parametrize("k", [1, V])
-def test_k_extremes(k, kind, tail):
+def test_k_extremes(k, kind, tail, impl):
     case = logits_case()
-    got, exp = logits_pair(case, usd.UniSDConfig(tail_bucket=tail, divergence="jsd"), kind, k)
+    got, exp = logits_pair(case, usd.UniSDConfig(tail_bucket=tail, divergence="jsd"), kind, k,
+                           impl=IMPLS[impl])
     assert_close(got, exp)
     if k == V and not tail:  # the whole vocabulary: the dense loss
         dense = usd.unisd_loss(case["student_logits"].double(),
@@ -139,8 +151,9 @@ def test_k_extremes(k, kind, tail):
         torch.testing.assert_close(exp[0].loss, dense.loss)
 
 
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
-def test_ties_at_the_kth_value_go_to_the_lower_index(tail):
+def test_ties_at_the_kth_value_go_to_the_lower_index(tail, impl):
     """Logits on a grid of 0.5: many columns share the k-th value, across tiles; the
     teacher differs between them, so the loss depends on which are taken."""
     case = logits_case()
@@ -148,7 +161,7 @@ def test_ties_at_the_kth_value_go_to_the_lower_index(tail):
     assert (case["student_logits"] == 0).any()
     case["student_logits"][0, 0, :5] = -0.0  # -0 and +0 are equal values
     cfg = usd.UniSDConfig(tail_bucket=tail)
-    got, exp = logits_pair(case, cfg, "topk", 40)
+    got, exp = logits_pair(case, cfg, "topk", 40, impl=IMPLS[impl])
     assert_close(got, exp)
     # the lower-index rule matters: the higher-index choice gives another loss
     flipped = case["student_logits"].flip(-1)
@@ -158,7 +171,8 @@ def test_ties_at_the_kth_value_go_to_the_lower_index(tail):
     assert abs(other.loss.item() - exp[0].loss.item()) > 1e-6
 
 
-def test_ignored_rows():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_ignored_rows(impl):
     case = logits_case(B=3)
     z = case["student_logits"]
     ignored = case["labels"] == -100
@@ -167,7 +181,8 @@ def test_ignored_rows():
     for kind in ("topk", "given"):
         if kind == "given":
             case["teacher_logits"][ignored] = 0.0
-        got, exp = logits_pair(case, usd.UniSDConfig(tail_bucket=True), kind, 30)
+        got, exp = logits_pair(case, usd.UniSDConfig(tail_bucket=True), kind, 30,
+                               impl=IMPLS[impl])
         assert_close(got, exp)
         assert torch.all(got[1][0][ignored] == 0)
 
@@ -193,7 +208,8 @@ def test_server_padding_rows_are_ignored():
     assert out.loss.isfinite()
 
 
-def test_strided_inputs_and_inplace_backward():
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_strided_inputs_and_inplace_backward(impl):
     case = logits_case()
     cfg = usd.UniSDConfig(tail_bucket=True, divergence="rkl")
     wide = torch.randn(2, 6, V + 7)
@@ -202,12 +218,13 @@ def test_strided_inputs_and_inplace_backward():
     assert not strided.is_contiguous()
     case["student_logits"] = strided
     case["teacher_logits"] = case["teacher_logits"].transpose(0, 1).contiguous().transpose(0, 1)
-    got, exp = logits_pair(case, cfg, "topk", 25)
+    got, exp = logits_pair(case, cfg, "topk", 25, impl=IMPLS[impl])
     assert_close(got, exp)
     z = strided.contiguous().requires_grad_()
     x = z.detach().clone()
     out = usd.unisd_loss(x.requires_grad_(), case["teacher_logits"], case["labels"],
-                         config=cfg.replace(topk=25), inplace_backward=True)
+                         config=cfg.replace(topk=25), inplace_backward=True,
+                         impl=IMPLS[impl])
     (1.7 * out.loss).backward()
     torch.testing.assert_close(x.grad.double(), exp[1][0], atol=1e-6, rtol=1e-4)
 
@@ -270,7 +287,9 @@ def linear_pair(case, cfg, kind, k, impl=TILED, trainable=True, **kw):
     return got, exp
 
 
-@pytest.mark.parametrize("impl", [TILED, WHOLE_HEAD], ids=["tiled", "whole-head"])
+@pytest.mark.parametrize("impl", [TILED, WHOLE_HEAD,
+                                  pytest.param(TRITON, marks=pytest.mark.slow)],
+                         ids=["tiled", "whole-head", "triton"])
 @pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
 @pytest.mark.parametrize("div", DIVERGENCES, ids=div_id)
 @pytest.mark.parametrize("kind", ["topk", "given"])
@@ -326,6 +345,26 @@ def test_linear_all_ignored():
     got, exp = linear_pair(case, usd.UniSDConfig(), "topk", 10)
     assert got[0].loss.item() == 0.0
     assert_close(got, exp)
+
+
+@pytest.mark.parametrize(("kind", "div", "tail", "k"), [
+    ("topk", DIVERGENCES[0], True, 37), ("given", DIVERGENCES[2], False, 37),
+    ("topk", DIVERGENCES[1], False, V), ("given", DIVERGENCES[0], True, 1)])
+def test_triton_subset(kind, div, tail, k):
+    """The Triton kernels in the interpreter, on logits (a tied k-th value, an ignored row)
+    and fused-linear."""
+    case = logits_case(T=4)
+    case["student_logits"] = (case["student_logits"] * 4).round() / 4
+    cfg = usd.UniSDConfig(tail_bucket=tail, contrastive_weight=0.2, **div)
+    extra = {}
+    if kind == "given":
+        _, _, lp = given_support(case["teacher_logits"], 1, cfg.temperature)
+        y = case["labels"].clamp(min=0)
+        extra["teacher_label_logprobs"] = lp.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()
+    assert_close(*logits_pair(case, cfg, kind, k, impl=TRITON, extra=extra))
+    lcase = make_case(V=V, T=4)
+    assert_close(*linear_pair(lcase, cfg.replace(contrastive_weight=0.0), kind, k,
+                              impl=TRITON))
 
 
 def test_reference_agreement_is_tight():

@@ -9,6 +9,7 @@ import functools
 import torch
 
 from ..protocol import STACK_ELEMENTS, RowStats
+from . import sparse
 from .grad import write_grad as launch_grad
 from .stats import label_logprob as launch_label
 from .stats import row_stats as launch_stats
@@ -58,6 +59,17 @@ class TritonBackend:
         launch_grad(z, u, labels, out, stats, ck, cc, divergence=divergence, tau=tau,
                     alpha=alpha, max_block=self.settings.max_block,
                     target_programs=self.settings.target_programs)
+
+    def support_stats(self, z, u, labels, index, *, k: int, tau: float, ignore_index: int):
+        """The support pass of a sparse support (docs/losses.md, "Sparse supports")."""
+        return sparse.support_stats(z, u, labels, index, k=k, tau=tau,
+                                    ignore_index=ignore_index,
+                                    max_block=self.settings.max_block)
+
+    def support_grad(self, z, out, rows, beta, coef, labels, cc, *, tau: float) -> None:
+        """The dense gradient of a sparse support into ``out`` (which may be ``z``)."""
+        sparse.support_grad(z, out, rows, beta, coef, labels, cc, tau=tau,
+                            max_block=self.settings.max_block)
 
 
 @functools.cache
