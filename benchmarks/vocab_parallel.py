@@ -27,7 +27,7 @@ import torch
 from .output import ROOT, add_output_arguments, output_dir
 
 NAME = "vocab-parallel"
-STATS_FLOATS = 8  # RowStats (7) and the label-holding flag, float32, all-gathered per row
+STATS_FLOATS = 8  # RowStats (7) and the label-holding flag, float64, all-gathered per row
 JSD_FLOATS = 2  # KL(p_T || M), KL(p_S || M) shard sums, float64, all-reduced per row
 SCORE_FLOATS = 3  # lse, label logit, flag per scored row (views, negative), float64
 LAYOUT_BYTES = 32  # rows, chunk size, label rows and kept rows per rank, once per call
@@ -46,7 +46,7 @@ def analytic(tokens: int, hidden: int, ranks: int, divergence: str, scored: int 
     """Bytes each rank receives in one call, by what they carry (all rows kept)."""
     out = {
         "layout": gather_bytes(LAYOUT_BYTES, ranks),
-        "row stats": gather_bytes(4 * STATS_FLOATS * tokens, ranks),
+        "row stats": gather_bytes(8 * STATS_FLOATS * tokens, ranks),
         "jsd sums": reduce_bytes(8 * JSD_FLOATS * tokens, ranks) if divergence == "jsd"
         else 0.0,
         "scored rows": gather_bytes(8 * SCORE_FLOATS * tokens * scored, ranks),
@@ -203,7 +203,9 @@ def main(argv=None) -> None:
     opts = parse(argv)
     if opts.worker:
         worker(opts)
-        return
+        # no interpreter teardown, where a joinable C++ thread now and then aborts a rank
+        sys.stdout.flush()
+        os._exit(0)
     out = output_dir(opts, NAME, opts.device)
     result = os.path.join(out, "results.json")
     args = [a for a in (argv if argv is not None else sys.argv[1:])

@@ -33,7 +33,9 @@ def launch(tmp_path, world: int, vocab: int, names=()) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={world}", str(WORKER), str(out), *names]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    causes = [line for line in result.stderr.splitlines()
+              if "what()" in line or line.startswith("[rank") and "Error" in line]
+    assert result.returncode == 0, "\n".join(causes[:20]) + result.stderr[-3000:]
     return json.loads(out.read_text())
 
 

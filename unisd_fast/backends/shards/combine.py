@@ -1,5 +1,5 @@
 """``VocabShards``: the per-row statistics of a head split by vocabulary rows, combined over
-the ranks of its group with one all-gather of a few floats per row (two collectives for jsd),
+the ranks of its group with one all-gather of 8 floats per row (two collectives for jsd),
 so that every rank holds the statistics of the whole vocabulary and none ever holds a row of
 it. docs/kernels.md, "Vocabulary-parallel heads", gives the math and why it equals the dense
 loss."""
@@ -33,9 +33,10 @@ def log_mean_exp(w: torch.Tensor, x: torch.Tensor):
     return mean + spread, spread
 
 
-# Per rank r: local lse^r_S, lse^r_T (of z / tau, u / tau over its shard), the local
-# divergence D^r of the shard's own softmaxes, gap^r = lse^r_S - lse^r_T (formed without
-# cancellation by the backend) and the label log-probs where the shard holds the label.
+# Per rank r (gathered in float64): local lse^r_S, lse^r_T (of z / tau, u / tau over its
+# shard), the local divergence D^r of the shard's own softmaxes, gap^r = lse^r_S - lse^r_T
+# (formed without cancellation by the backend) and the label log-probs where the shard
+# holds the label.
 # Combined in float64, with w_r = exp(lse^r - lse) the mass of shard r under p:
 #   lse = log sum_r exp(lse^r);  lse_S - lse_T = log E_{w_T}[e^gap^r];
 #   fkl: D = sum_r w_T,r D^r + KL(w_T || w_S),  KL(w_T || w_S) = log E_{w_T}[e^(g - E g)]
@@ -47,7 +48,7 @@ def log_mean_exp(w: torch.Tensor, x: torch.Tensor):
 # (``jsd.jsd_partial_sums``).
 def combine_rows(parts: torch.Tensor, divergence: str):
     """The combined (lse_S, lse_T, D, lp_S(y), lp_T(y), gap), float64, from the gathered
-    (world, 8, n) stack of each rank's ``RowStats`` and its label-holding flag."""
+    (world, 8, ...) stack of each rank's ``RowStats`` and its label-holding flag."""
     lse_s_r, lse_t_r, d_r, _, s_lab, t_lab, gap_r, holds = parts.double().unbind(1)
     lse_s, lse_t = torch.logsumexp(lse_s_r, 0), torch.logsumexp(lse_t_r, 0)
     log_ws, log_wt = lse_s_r - lse_s, lse_t_r - lse_t
@@ -85,7 +86,8 @@ class VocabShards:
         local = backend.row_stats(z, u, labels.clamp(min=0),
                                   divergence="fkl" if divergence == "jsd" else divergence,
                                   tau=tau, alpha=alpha, ignore_index=ELSEWHERE)
-        parts = _gather(torch.stack((*(x.float() for x in local), holds.float())), self.group)
+        parts = _gather(torch.stack((*(x.double() for x in local), holds.double())),
+                        self.group)
         lse_s, lse_t, d, s_y, t_y, gap = combine_rows(parts, divergence)
         aux = torch.zeros_like(d)
         if divergence == "jsd":
@@ -93,7 +95,11 @@ class VocabShards:
                                                  alpha) for b in range(z.shape[0])], 1)
             dist.all_reduce(sums, group=self.group)
             d, aux = (alpha * sums[0] + (1 - alpha) * sums[1]).view_as(d), sums[1].view_as(d)
-        return RowStats(*(x.float() for x in (lse_s, lse_t, d, aux, s_y, t_y, gap)))
+        # the log-sum-exps in the backend's dtype (float64 from the PyTorch one), the rest
+        # float32 as the backend's
+        lse = local.lse_s.dtype
+        return RowStats(lse_s.to(lse), lse_t.to(lse),
+                        *(x.float() for x in (d, aux, s_y, t_y, gap)))
 
     def score(self, x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
               tau: float) -> torch.Tensor:
