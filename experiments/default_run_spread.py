@@ -99,6 +99,7 @@ def spread_table(records: list[dict], cmd: str, workers: int = 1) -> str:
     cols = [
         ("student", "student", "{:.1%}"),
         ("teacher", "teacher", "{:.1%}"),
+        ("student_before", "student at step 0", "{:.1%}"),
         ("retention_ppl", "retention ppl", "{:.2f}"),
         ("kl_base", "KL to base", "{:.3f}"),
         ("pretrain_steps", "pre-train steps", "{:.0f}"),

@@ -44,6 +44,7 @@ def record(seed, threads, det, student, teacher, steps):
         "deterministic": det,
         "student": student,
         "teacher": teacher,
+        "student_before": 0.0,
         "retention_ppl": 2.0 + seed,
         "kl_base": 0.5,
         "pretrain_steps": steps,
