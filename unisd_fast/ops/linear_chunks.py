@@ -63,6 +63,19 @@ class LinearResult:
     grad_bias: torch.Tensor | None
 
 
+# With d W asked for on the whole-head schedule, each chunk adds its products into the
+# (V, H) float32 accumulator: one read and one write of it per chunk. A chunk then holds at
+# least WEIGHT_CHUNK_ROWS rows (capped at the accumulator's own bytes), so a step makes
+# N / 2048 passes over d W: at H = 3584, V = 152064, bf16 and 256 MiB chunks, 19 chunks of
+# 441 rows (83 GB of accumulator traffic at N = 8192) become 4 of 2048 (17 GB), for 1.25 GB
+# of chunk logits beside the 2.18 GB accumulator.
+WEIGHT_CHUNK_ROWS = 2048
+# Devices on which every row meets the head, ignored ones included (they come out with zero
+# coefficients, stats and gradient), so that no host sync waits for the count of kept rows;
+# elsewhere only the kept rows do (``mask.nonzero()``: one sync, no GEMM rows wasted).
+ALL_ROWS_DEVICES = frozenset({"cuda"})
+
+
 def chunk_ranges(N: int, parts: int, V: int, itemsize: int, chunk_bytes: int):
     """[r0, r1) ranges of N rows such that ``parts`` logits rows per row fit ``chunk_bytes``
     (at least one row per chunk)."""
@@ -379,14 +392,18 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
     cfg, V = call.config, call.student_head.weight.shape[0]
     tiled = call.vocab_tile is not None and acc is not None
     widest = V if call.shards is None else call.shards.layout.widest
-    ranges = chunk_ranges(index.shape[0], 2, widest, call.student_head.weight.element_size(),
-                          call.chunk_bytes)
+    itemsize = call.student_head.weight.element_size()
+    chunk_bytes = call.chunk_bytes
+    if acc is not None and acc.weight is not None and not tiled:
+        chunk_bytes = max(chunk_bytes, min(2 * WEIGHT_CHUNK_ROWS * widest * itemsize,
+                                           acc.weight.numel() * acc.weight.element_size()))
+    ranges = chunk_ranges(index.shape[0], 2, widest, itemsize, chunk_bytes)
     if not ranges:
         return
     buf = torch.empty((2 * ranges[0][1], V), dtype=call.student_head.weight.dtype,
                       device=index.device)
     labels = row_labels(call, index)
-    everywhere = torch.ones_like(labels, dtype=torch.bool)
+    kept = call.labels[index] != cfg.ignore_index
     pending = None
     for r0, r1 in ranges:
         idx, y, n = index[r0:r1], labels[r0:r1], r1 - r0
@@ -409,7 +426,7 @@ def run_chunks(call: LinearCall, index: torch.Tensor, stats: torch.Tensor,
             part = co.with_ratio(part, st.student_label, call.old_logprobs[idx], cfg)
         rows = co.row_coefficients(st.divergence, st.student_label, st.teacher_label,
                                    None if b_lab is None else b_lab[r0:r1],
-                                   everywhere[r0:r1], c, part, cfg)
+                                   kept[r0:r1], c, part, cfg)
         pending = hand_over(call, acc, chunk_grad(call, z, u, y, st, rows), hs, r0, tiled)
     if pending is not None:
         tiled_sweep(call, acc, None, pending)
@@ -430,7 +447,9 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
     (B, T): the positions the views scored (None: all); only those view rows meet a head.
 
     Only the rows whose label is not ignored are multiplied by a head (an ignored row has
-    zero loss and gradient). Views and negative are scored first, so that every per-row
+    zero loss and gradient), except on ``ALL_ROWS_DEVICES`` (CUDA), where every row is, so
+    that no host sync counts the kept rows (with ``view_mask``, the views' rows still are
+    counted). Views and negative are scored first, so that every per-row
     coefficient is known in the one pass over the student/teacher chunks; only
     ``clip_quantile`` adds a stats pass before it."""
     cfg = call.config
@@ -443,7 +462,7 @@ def linear_loss(call: LinearCall, shape, view_rows, view_lp, negative_rows, nega
     acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
         run_chunks(call, index, stats, scales, b_lab, None, with_stats=True, acc=None)
-        c = co.clip_threshold(stats[2], torch.ones_like(index, dtype=torch.bool), cfg)
+        c = co.clip_threshold(stats[2], call.labels[index] != cfg.ignore_index, cfg)
         run_chunks(call, index, stats, scales, b_lab, c, with_stats=False, acc=acc)
     else:
         c = None if cfg.clip_quantile is not None else co.clip_threshold(stats[2], None, cfg)
@@ -462,14 +481,18 @@ def old_rows(call: LinearCall, shape):
 
 def scored_rows(call: LinearCall, shape, view_rows, view_lp, negative_rows, negative_lp,
                 num_items_in_batch, view_mask=None):
-    """What the chunk pass needs before it starts: the kept rows ``index``, the views' and
+    """What the chunk pass needs before it starts: the rows that meet the head ``index`` (the
+    kept ones, or all on ``ALL_ROWS_DEVICES``), the views' and
     negative's label log-probs (scored through the teacher head where not given; the views
     only where ``view_mask``, None: everywhere), the kept rows' ``RowScales`` and negative
     label log-probs (None without contrastive term)."""
     cfg = call.config
     N = call.labels.shape[0]
     mask = call.labels != cfg.ignore_index
-    index = mask.nonzero().squeeze(1)
+    if mask.device.type in ALL_ROWS_DEVICES:
+        index = torch.arange(N, device=mask.device)
+    else:
+        index = mask.nonzero().squeeze(1)
     view_index = index if view_mask is None else (mask & view_mask.reshape(N)).nonzero()[:, 0]
     jobs = []  # (rows, groups): views and negative in one sweep when they share their rows
     if cfg.agreement != "none" and view_lp is None:
