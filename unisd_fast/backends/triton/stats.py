@@ -377,8 +377,9 @@ def _running_sum(xs, m, acc):
 # (docs/kernels.md, "Compiled cost"); jsd's six per-column sums take half a tile per thread
 # to fit.
 STATS_REGISTERS = 64
-# The exact kernel's tile: at most 2048 columns (it runs on rare rows; fewer registers).
-EXACT_BLOCK = 2048
+# The exact kernel's tile: at most 1024 columns, four per thread (it runs on rare rows; few
+# registers, no spill).
+EXACT_BLOCK = 1024
 
 
 def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore_index: int,
@@ -390,14 +391,17 @@ def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore
     block, warps = launch_geometry(V, max_block)
     args = (T, V, *strides_bt(z), *strides_bt(u), *strides_bt(labels), 1.0 / tau, alpha)
     fast_block = block // 2 if divergence == "jsd" and block >= 1024 else block
+    # rows that start on 16-byte boundaries load 16-byte vectors and fit the register cap;
+    # others load element by element and would spill under it
+    aligned = all(s * z.element_size() % 16 == 0 for s in (*strides_bt(z), *strides_bt(u)))
     _stats_kernel[(B * T,)](z, u, labels, *outs, redo, *args, ignore_index,
                             DIV=DIVERGENCE_CODE[divergence], BLOCK=fast_block,
-                            num_warps=warps, maxnreg=STATS_REGISTERS)
+                            num_warps=warps, maxnreg=STATS_REGISTERS if aligned else None)
     # the flagged rows again, exactly; the others return at once (no host sync)
-    block, warps = launch_geometry(V, min(max_block, EXACT_BLOCK))
+    block = min(EXACT_BLOCK, max_block, triton.next_power_of_2(V))
     _stats_exact_kernel[(B * T,)](z, u, labels, *outs, redo, *args,
                                   DIV=DIVERGENCE_CODE[divergence], BLOCK=block,
-                                  num_warps=warps)
+                                  num_warps=max(1, block // 128))
     return RowStats(*outs)
 
 
