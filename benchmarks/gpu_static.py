@@ -62,6 +62,12 @@ FULL_SHAPES = QUICK_SHAPES + ((4, 256, 32000), (4, 256, 128256), (4, 256, 262144
                               (1, 16384, 152064), (1, 1, 152064))
 
 
+# Tensors of the logits' dtype each kernel's loops read per vocabulary column (docs/kernels.md,
+# "Byte budget"): a loop's columns per iteration are its loads over these, so a loop that
+# handles two tiles per iteration (or that ptxas unrolled) counts per column all the same.
+READS_PER_COLUMN = {"stats": 2, "stats_exact": 2, "grad": 2, "label_logprob": 1}
+
+
 @dataclass
 class Compiled:
     """One compiled kernel as a launcher asked for it."""
@@ -260,12 +266,15 @@ def record(cap: int, item: Compiled) -> dict:
     rec = {"kernel": kernel_name(item.fn), "dtype": item.dtype, "divergence": divergence,
            "block": block, "warps": warps, "target": TARGETS[cap]["arch"], "shape": item.shape,
            **res, "shared_bytes": md.shared, "ctas_per_sm": ctas, "loops": []}
-    cols = block / threads  # vocabulary columns one thread handles per tile
+    tile_cols = block / threads  # vocabulary columns one thread handles per tile
+    reads = READS_PER_COLUMN.get(rec["kernel"])
     moved = cycles = instr = 0.0
     for lp in loops:
         if not lp["load_bytes"]:
             continue  # zero-fill loops of skipped rows: no reads, not the pass's cost
-        lp = {**lp, "instr_per_column": lp["instructions"] / cols,
+        cols = lp["load_bytes"] / (reads * ITEMSIZE[item.dtype]) if reads else tile_cols
+        lp = {**lp, "tiles_per_iteration": cols / tile_cols,
+              "instr_per_column": lp["instructions"] / cols,
               "bytes_per_column": (lp["load_bytes"] + lp["store_bytes"]) / cols}
         rec["loops"].append(lp)
         moved += (lp["load_bytes"] + lp["store_bytes"]) * threads
@@ -273,7 +282,7 @@ def record(cap: int, item: Compiled) -> dict:
         instr += lp["instr_per_column"]
     t = TARGETS[cap]
     rec["instr_per_column"] = instr or None
-    rec["bytes_per_column"] = moved / threads / cols if moved else None
+    rec["bytes_per_column"] = sum(lp["bytes_per_column"] for lp in rec["loops"]) or None
     rec["ceiling_tbs"] = moved / cycles * t["clock"] * t["sms"] / 1e12 if cycles else None
     rec["ceiling_share"] = {gpu: rec["ceiling_tbs"] * 1e12 / bw if cycles else None
                             for gpu, bw in t["hbm"].items()}

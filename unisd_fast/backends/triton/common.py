@@ -135,6 +135,17 @@ def approx_log2(x):
                                          dtype=tl.float32, is_pure=True, pack=1)
 
 
+# 1 / x: compiled, one MUFU.RCP (rcp.approx.ftz.f32, within 1 ulp); the interpreter's exact
+# division.
+@triton.jit
+def approx_rcp(x):
+    if INTERPRETED:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
 # Short series of the fast passes, for |x| < SERIES_BOUND (callers select): truncation below
 # 2e-8 relative there. e^x - 1 - x = x^2 (E(x^2) + x O(x^2)) with the even part
 # E = 1/2 + x^2/24 + x^4/720 and the odd part O = 1/6 + x^2/120 + x^4/5040; returns it at x

@@ -13,11 +13,13 @@ from ..protocol import RowStats
 from .common import (
     DIVERGENCE_CODE,
     FKL,
+    JSD,
     LN2,
     LOG2E,
     RKL,
     SERIES_BOUND,
     approx_log2,
+    approx_rcp,
     expm1_minus_x_series,
     expm1_minus_x_short,
     launch_geometry,
@@ -59,17 +61,32 @@ def _shifted_sums(zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, l_t, a_t, g_t, l_
     series_x, series_nx = expm1_minus_x_short(x)
     if DIV != RKL:
         w = tl.exp2(uf * scale2 - c_t)
-        gx = tl.where(small, series_x, tl.exp2(x * LOG2E) - 1.0 - x)
+        ex = tl.exp2(x * LOG2E)
+        gx = tl.where(small, series_x, ex - 1.0 - x)
         l_t += w
         a_t += w * x
         g_t += w * gx
     if DIV != FKL:
         v = tl.exp2(zf * scale2 - c_s)
-        gn = tl.where(small, series_nx, tl.exp2(x * -LOG2E) - 1.0 + x)
+        if DIV == RKL:
+            enx = tl.exp2(x * -LOG2E)
+        else:
+            enx = approx_rcp(ex)
+        gn = tl.where(small, series_nx, enx - 1.0 + x)
         l_s += v
         a_s -= v * x
         g_s += v * gn
     return l_t, a_t, g_t, l_s, a_s, g_s
+
+
+@triton.jit
+def _full_tile_sums(z_row, u_row, start, mu, inv_tau, scale2, c_t, c_s,
+                    l_t, a_t, g_t, l_s, a_s, g_s, DIV: tl.constexpr, BLOCK: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK)
+    zf = tl.load(z_row + cols).to(tl.float32)
+    uf = tl.load(u_row + cols).to(tl.float32)
+    return _shifted_sums(zf, uf, cols < start + BLOCK, mu, inv_tau, scale2, c_t, c_s,
+                         l_t, a_t, g_t, l_s, a_s, g_s, DIV, False)
 
 
 @triton.jit
@@ -122,13 +139,23 @@ def _stats_kernel(
             zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, acc, acc, acc, acc, acc, acc,
             DIV, True)
         full = V // BLOCK
-        for i in range(1, full):
-            cols = i * BLOCK + tl.arange(0, BLOCK)
-            zf = tl.load(z_row + cols).to(tl.float32)
-            uf = tl.load(u_row + cols).to(tl.float32)
-            l_t, a_t, g_t, l_s, a_s, g_s = _shifted_sums(
-                zf, uf, keep, mu, inv_tau, scale2, c_t, c_s, l_t, a_t, g_t, l_s, a_s, g_s,
-                DIV, False)
+        if DIV == JSD:
+            # half-width tiles (its six sums fit 64 registers), two per iteration: the
+            # loop's own instructions per column as for a whole tile
+            for i in range(0, (full - 1) // 2):
+                for half in tl.static_range(2):
+                    l_t, a_t, g_t, l_s, a_s, g_s = _full_tile_sums(
+                        z_row, u_row, (1 + 2 * i + half) * BLOCK, mu, inv_tau, scale2, c_t,
+                        c_s, l_t, a_t, g_t, l_s, a_s, g_s, DIV, BLOCK)
+            if (full >= 2) & ((full - 1) % 2 == 1):
+                l_t, a_t, g_t, l_s, a_s, g_s = _full_tile_sums(
+                    z_row, u_row, (full - 1) * BLOCK, mu, inv_tau, scale2, c_t, c_s,
+                    l_t, a_t, g_t, l_s, a_s, g_s, DIV, BLOCK)
+        else:
+            for i in range(1, full):
+                l_t, a_t, g_t, l_s, a_s, g_s = _full_tile_sums(
+                    z_row, u_row, i * BLOCK, mu, inv_tau, scale2, c_t, c_s,
+                    l_t, a_t, g_t, l_s, a_s, g_s, DIV, BLOCK)
         if (full >= 1) & (full * BLOCK < V):
             cols = full * BLOCK + tl.arange(0, BLOCK)
             keep = cols < V
@@ -164,8 +191,16 @@ def _stats_kernel(
             lt2 = lse_t * LOG2E
             q_t = tl.zeros((BLOCK,), tl.float32)
             q_s = tl.zeros((BLOCK,), tl.float32)
-            for i in range(0, full):
-                cols = i * BLOCK + tl.arange(0, BLOCK)
+            for i in range(0, full // 2):
+                for half in tl.static_range(2):
+                    cols = (2 * i + half) * BLOCK + tl.arange(0, BLOCK)
+                    zf = tl.load(z_row + cols).to(tl.float32)
+                    uf = tl.load(u_row + cols).to(tl.float32)
+                    q_t, q_s = _mixture_remainders(zf, uf, keep, inv_tau, scale2, ls2, lt2,
+                                                   gap, alpha, log_1ma, c2, c3, c4, c5, c6,
+                                                   c7, c8, q_t, q_s, False)
+            if full % 2 == 1:
+                cols = (full - 1) * BLOCK + tl.arange(0, BLOCK)
                 zf = tl.load(z_row + cols).to(tl.float32)
                 uf = tl.load(u_row + cols).to(tl.float32)
                 q_t, q_s = _mixture_remainders(zf, uf, keep, inv_tau, scale2, ls2, lt2, gap,
@@ -377,9 +412,11 @@ def _running_sum(xs, m, acc):
 # (docs/kernels.md, "Compiled cost"); jsd's six per-column sums take half a tile per thread
 # to fit.
 STATS_REGISTERS = 64
-# The exact kernel's tile: at most 1024 columns, four per thread (it runs on rare rows; few
-# registers, no spill).
-EXACT_BLOCK = 1024
+# The exact kernel's tile: at most 2048 columns, over 16 warps (four columns per thread) at
+# that width, launch_geometry's warps below it; it runs on rare rows, and so has no spill on
+# sm_80 or sm_90a (python -m benchmarks.gpu_static).
+EXACT_BLOCK = 2048
+EXACT_WARPS = 16
 
 
 def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore_index: int,
@@ -398,10 +435,10 @@ def row_stats(z, u, labels, *, divergence: str, tau: float, alpha: float, ignore
                             DIV=DIVERGENCE_CODE[divergence], BLOCK=fast_block,
                             num_warps=warps, maxnreg=STATS_REGISTERS if aligned else None)
     # the flagged rows again, exactly; the others return at once (no host sync)
-    block = min(EXACT_BLOCK, max_block, triton.next_power_of_2(V))
+    block, warps = launch_geometry(V, min(max_block, EXACT_BLOCK))
     _stats_exact_kernel[(B * T,)](z, u, labels, *outs, redo, *args,
                                   DIV=DIVERGENCE_CODE[divergence], BLOCK=block,
-                                  num_warps=max(1, block // 128))
+                                  num_warps=EXACT_WARPS if block == EXACT_BLOCK else warps)
     return RowStats(*outs)
 
 
