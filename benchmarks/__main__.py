@@ -80,6 +80,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds; cases not started by then are reported as skipped")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--first-call", action="store_true",
+                    help="CPU: also measure each case's first call in a process of its own "
+                         "(compile or load included): first_time_ms, first_mem_mb, and a "
+                         "table of first call against steady state")
     ap.add_argument("--report", metavar="CSV", default=None,
                     help="only rebuild table.md and plots from this CSV")
     opts = ap.parse_args(argv)
@@ -161,6 +165,8 @@ def main(argv=None) -> None:
         f.write(machine_markdown(env, command))
     print(f"{len(cases)} cases x {len(opts.providers)} providers on {env['machine']}; "
           f"torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    if opts.first_call and (opts.device != "cpu" or opts.in_process):
+        raise SystemExit("--first-call needs the CPU worker processes (no --in-process)")
     if opts.device == "cpu" and not opts.in_process:
         rows = run_isolated(cases, opts.providers, opts, env)
     else:
@@ -170,6 +176,11 @@ def main(argv=None) -> None:
     write_csv(rows, csv_path)
     print(f"csv: {csv_path}")
     print(_report(rows, opts.out, opts.modes))
+    if opts.first_call:
+        from .report import first_call_table
+
+        print("first call (a fresh process per provider and case) against steady state:\n")
+        print(first_call_table(rows, opts.modes))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,32 @@ def _backward(modes) -> bool:
     return any(m != "fwd" for m in modes)
 
 
+def _peaks(r: dict, backward: bool) -> dict:
+    """{mode: peak bytes above the inputs} of one repetition."""
+    peaks = {"fwd": max(r["fwd_peak"], 0)}
+    if backward:
+        peaks["bwd"] = max(r["bwd_peak"], 0)
+        peaks["fwd_bwd"] = max(peaks["fwd"], peaks["bwd"])
+    return peaks
+
+
+def measure_first(fn, inputs: dict, modes, device: torch.device) -> dict:
+    """The first call of ``fn`` in this process: {"mem": {mode: peak bytes above the inputs},
+    "time": {mode: ms}} of one repetition with nothing run before it, so that whatever the
+    first call costs (compiling, loading compiled code) is in it. Run it first in a fresh
+    process."""
+    clock, memory = tools_for(device)
+    backward = _backward(modes)
+    trim_heap()
+    r = _rep(fn, inputs, backward, clock, memory)
+    clear_grads(inputs)
+    times = {"fwd": r["fwd_ms"]}
+    if backward:
+        times.update(bwd=r["bwd_ms"], fwd_bwd=r["fwd_ms"] + r["bwd_ms"])
+    peaks = _peaks(r, backward)
+    return {"mem": {m: peaks[m] for m in modes}, "time": {m: times[m] for m in modes}}
+
+
 def measure_memory(fn, inputs: dict, modes, warmup: int, device: torch.device) -> dict:
     """{mode: peak bytes above the inputs} of ``fn(inputs) -> loss`` in one repetition after
     ``warmup`` untimed ones. On CPU run this with ``pin_malloc(SMALL_MMAP)`` in force from
@@ -201,10 +227,7 @@ def measure_memory(fn, inputs: dict, modes, warmup: int, device: torch.device) -
     trim_heap()
     r = _rep(fn, inputs, backward, clock, memory)
     clear_grads(inputs)
-    peaks = {"fwd": max(r["fwd_peak"], 0)}
-    if backward:
-        peaks["bwd"] = max(r["bwd_peak"], 0)
-        peaks["fwd_bwd"] = max(peaks["fwd"], peaks["bwd"])
+    peaks = _peaks(r, backward)
     return {m: peaks[m] for m in modes}
 
 

@@ -111,6 +111,29 @@ def markdown_table(rows: list[dict], modes=MODES) -> str:
     return "\n".join(lines) + "\n"
 
 
+def first_call_table(rows: list[dict], modes=MODES) -> str:
+    """First call against steady state, per case, mode and provider (``--first-call``)."""
+    table, cases, providers = collect(rows)
+    head = ("| preset | B x T | V | dtype | mode | provider | first ms | steady ms | first / "
+            "steady time | first peak MiB | steady peak MiB | first / steady peak |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for case in cases:
+        preset, b, t, v, dtype = case
+        for mode in modes:
+            for p in providers:
+                cell = table.get((case, mode, p))
+                if not cell or "first_mem_mb" not in cell:
+                    continue
+                first = {"time_ms": cell["first_time_ms"], "mem_mb": cell["first_mem_mb"]}
+                lines.append(
+                    f"| {preset} | {b} x {t} | {v} | {dtype} | {mode} | {p} | "
+                    f"{_fmt(first['time_ms'], 'num')} | {_fmt(cell['time_ms'], 'num')} | "
+                    f"{_fmt(_ratio(first, cell, 'time_ms'), 'ratio')} | "
+                    f"{_fmt(first['mem_mb'], 'num')} | {_fmt(cell['mem_mb'], 'num')} | "
+                    f"{_fmt(_ratio(first, cell, 'mem_mb'), 'ratio')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _anchor(cases, axis: int):
     """The value of the other axis with the most distinct values along ``axis``."""
     counts = defaultdict(set)

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .inputs import Case, make_inputs
 from .worker import PREFIX, TICK, ref_variants, run_unit
 
-METRIC_UNITS = {"time_ms": "ms", "mem_mb": "MiB", "gbps": "GB/s", "loss_abs_err": "",
+METRIC_UNITS = {"time_ms": "ms", "mem_mb": "MiB", "gbps": "GB/s", "first_time_ms": "ms",
+                "first_mem_mb": "MiB", "loss_abs_err": "",
                 "loss_rel_err": "", "grad_abs_err": "", "grad_rel_err": ""}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +68,9 @@ def _records_to_rows(rec: dict, env: dict) -> list[dict]:
     for mode, m in rec["metrics"].items():
         values = {"time_ms": m["time_ms"], "mem_mb": m["mem_bytes"] / 2**20,
                   "gbps": m["bytes"] / (m["time_ms"] * 1e-3) / 1e9}
+        if "first" in rec:
+            values.update(first_time_ms=rec["first"]["time"][mode],
+                          first_mem_mb=rec["first"]["mem"][mode] / 2**20)
         if mode == err_mode:
             values.update(rec.get("errors", {}))
         for metric, value in values.items():
@@ -85,7 +89,7 @@ def _flush(rows: list[dict], opts) -> None:
 def _job(opts, **extra) -> dict:
     job = {"device": opts.device, "modes": opts.modes, "reps": opts.reps,
            "warmup": opts.warmup, "interpret_max": opts.interpret_max,
-           "threads": opts.threads,
+           "threads": opts.threads, "first_call": opts.first_call,
            "deadline": opts.deadline}
     job.update(extra)
     return job
@@ -123,7 +127,8 @@ def _run_worker(job: dict, log_path: str, on_record, on_tick=None) -> None:
 
 
 def run_isolated(cases, names, opts, env: dict) -> list[dict]:
-    """CPU: one worker process for the references, then one per provider."""
+    """CPU: one worker process for the references, then one per provider (per provider and
+    case with ``opts.first_call``, so that every case's first call is a process's first)."""
     rows = []
     ref_units = len(cases) if opts.errors else 0
     # a provider's case counts twice: its memory run, then its timed runs
@@ -146,10 +151,13 @@ def run_isolated(cases, names, opts, env: dict) -> list[dict]:
                 bar.set_postfix_str(f"{rec['provider']} {Case.from_dict(rec['case']).label}")
                 bar.update(1)
 
-            _run_worker(_job(opts, kind="provider", provider=name,
-                             cases=[c.to_dict() for c in cases],
-                             ref_dir=ref_dir if opts.errors else None), log_path, on_rec,
-                        on_tick=lambda: bar.update(1))
+            groups = [[c] for c in cases] if opts.first_call else [cases]
+            for group in groups:
+                offset = cases.index(group[0])
+                _run_worker(_job(opts, kind="provider", provider=name,
+                                 cases=[c.to_dict() for c in group], ref_offset=offset,
+                                 ref_dir=ref_dir if opts.errors else None), log_path,
+                            on_rec, on_tick=lambda: bar.update(1))
     bar.close()
     return rows
 

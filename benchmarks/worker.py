@@ -20,7 +20,15 @@ import torch
 
 from . import fp64_ref, providers
 from .inputs import Case, byte_budget, config_for, make_inputs
-from .measure import GLIBC_MMAP, SMALL_MMAP, errors, measure_memory, measure_time, pin_malloc
+from .measure import (
+    GLIBC_MMAP,
+    SMALL_MMAP,
+    errors,
+    measure_first,
+    measure_memory,
+    measure_time,
+    pin_malloc,
+)
 
 PREFIX = "RECORD "
 TICK = "TICK"
@@ -37,7 +45,9 @@ def run_unit(name: str, case: Case, inputs: dict, job: dict, ref: dict | None,
     """Measure provider ``name`` on ``inputs``: a record with metrics or a status note.
 
     phase "memory" measures peak memory only (record["memory"]); "time" times it, takes the
-    errors and merges ``memory`` (from an earlier "memory" phase); "all" does both.
+    errors and merges ``memory`` (from an earlier "memory" phase); "all" does both. With
+    ``job["first_call"]``, the memory phase measures the process's first call before the
+    warm-up (record["first"], see ``measure.measure_first``).
     """
     device = torch.device(job["device"])
     cfg = config_for(case.preset)
@@ -54,6 +64,8 @@ def run_unit(name: str, case: Case, inputs: dict, job: dict, ref: dict | None,
         rec["note"] = "Triton interpreter on CPU: a correctness run, its time means nothing"
     try:
         fn = providers.make(name, cfg)
+        if phase in ("memory", "all") and job.get("first_call"):
+            rec["first"] = measure_first(fn, inputs, modes, device)
         if phase in ("memory", "all"):
             memory = measure_memory(fn, inputs, modes, warmup, device)
             rec["memory"] = memory
@@ -137,10 +149,13 @@ def _provider_job(job: dict) -> None:
             continue
         cfg = config_for(case.preset)
         variant = "token" if providers.reference_config(name, cfg) != cfg else "base"
-        path = ref_path(job["ref_dir"], index, variant) if job.get("ref_dir") else None
+        at = index + job.get("ref_offset", 0)
+        path = ref_path(job["ref_dir"], at, variant) if job.get("ref_dir") else None
         ref = _LazyRef(path) if path and os.path.exists(path) else None
         inputs = make_inputs(case, device)
         rec = run_unit(name, case, inputs, job, ref, phase="time", memory=mem["memory"])
+        if "first" in mem:
+            rec["first"] = mem["first"]
         del inputs
         gc.collect()
         print(PREFIX + json.dumps(rec), flush=True)

@@ -125,3 +125,19 @@ def test_compiled_baseline_matches_eager():
     compiled.backward()
     assert float(compiled.detach()) == pytest.approx(float(eager.detach()), rel=1e-5)
     torch.testing.assert_close(a["student_logits"].grad, b["student_logits"].grad)
+
+
+def test_sweep_first_call_in_a_process_per_case(tmp_path, capsys):
+    bench_main(["--device", "cpu", "--presets", "sd", "--providers", "eager,unisd",
+                "--vocab", "128,256", "--tokens", "16", "--modes", "fwd_bwd", "--reps", "1",
+                "--warmup", "1", "--first-call", "--out", str(tmp_path)])
+    rows = _rows(tmp_path)
+    firsts = {(r["provider"], r["vocab"]): float(r["value"]) for r in rows
+              if r["metric"] == "first_mem_mb"}
+    assert set(firsts) == {(p, v) for p in ("eager", "unisd") for v in ("128", "256")}
+    assert all(value >= 0 for value in firsts.values())
+    assert all(float(r["value"]) > 0 for r in rows if r["metric"] == "first_time_ms")
+    errs = [float(r["value"]) for r in rows if r["metric"] == "grad_rel_err"]
+    assert len(errs) == 4 and max(errs) < 1e-4  # each process finds its case's reference
+    out = capsys.readouterr().out
+    assert "first / steady peak" in out and "| sd | 4 x 4 | 256 |" in out

@@ -95,9 +95,9 @@ BUFFERS = textwrap.dedent("""
         elif name == "label_block":
             args = (z, y, keep, tau)
         elif name.startswith("grad_into"):
-            args = (z.clone(), u.clone(), y, *(row,) * 7, tau, alpha)
+            args = (z.clone(), u.clone(), y, *(row,) * 9, tau, alpha)
         else:
-            args = (torch.empty(R, V), z, u, y, *(row,) * 7, tau, alpha)
+            args = (torch.empty(R, V), z, u, y, *(row,) * 9, tau, alpha)
         for a in args:
             if a.dim() > 0:
                 torch._dynamo.maybe_mark_dynamic(a, 0)

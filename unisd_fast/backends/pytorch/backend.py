@@ -31,6 +31,10 @@ class TorchSettings:
 
     compile: compile the passes with ``torch.compile`` (None: ``UNISD_FAST_COMPILE``, on
         unless it is "0"); ``compiler``: the torch.compile backend.
+    ahead_of_time: with the inductor compiler, run the block functions from packages that
+        AOTInductor builds in a subprocess (``aot.py``: no compiler in this process, one
+        package per function, input dtypes and vocabulary size, cached on disk); None:
+        ``UNISD_FAST_AOT``, on unless it is "0".
     chunk_elements / chunk_elements_eager: logits per row block, compiled / eager.
     compile_min_elements: smaller blocks run eagerly (compiling costs more than it saves).
     small_elements: up to this many logits the forward also computes the divergence gradient
@@ -44,6 +48,7 @@ class TorchSettings:
 
     compile: bool | None = None
     compiler: object = "inductor"
+    ahead_of_time: bool | None = None
     chunk_elements: int = 1 << 24
     chunk_elements_eager: int = 1 << 22
     compile_min_elements: int = 1 << 12
@@ -66,6 +71,7 @@ GRADS_INTO_U = _per_divergence(passes.grad_into, target="u")
 BLOCK_FUNCTIONS = (*STATS.values(), *STATS_GRADS.values(), *STATS_GRADS_SHIFTED.values(),
                    *GRADS.values(), *GRADS_INTO_Z.values(), *GRADS_INTO_U.values(),
                    passes.label_block)
+BLOCKS = f"{__name__}:BLOCK_FUNCTIONS"  # the registry of the ahead-of-time builds
 
 
 class TorchBackend:
@@ -77,8 +83,12 @@ class TorchBackend:
         enabled = settings.compile
         if enabled is None:
             enabled = os.environ.get("UNISD_FAST_COMPILE", "1") != "0"
+        aot = settings.ahead_of_time
+        if aot is None:
+            aot = os.environ.get("UNISD_FAST_AOT", "1") != "0"
         self.settings = settings
-        self.compiler = Compiler(enabled, settings.compiler, settings.compile_min_elements)
+        self.compiler = Compiler(enabled, settings.compiler, settings.compile_min_elements,
+                                 ahead_of_time=BLOCKS if aot else None)
 
     @property
     def stack_elements(self) -> int:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from .aot import AotFunctions
+
 SCALAR_CACHE_SIZE = 64
 # Inductor stores a pointwise result of more than 30 ops that feeds a reduction as a
 # block-sized buffer and reads it back (its default realize_opcount_threshold); the shifted
@@ -40,13 +42,20 @@ class Compiler:
     """Runs functions on 2-D row blocks, compiled with ``torch.compile(backend=compiler)``
     when ``enabled``. Blocks under ``min_elements`` run eagerly: there compiling costs more
     than it saves. A compiler that fails at run time turns this instance eager for good, with
-    one ``RuntimeWarning``."""
+    one ``RuntimeWarning``. With ``ahead_of_time`` (a registry "module:attribute" of block
+    functions, see ``aot.AotFunctions``) and the inductor compiler, those functions run from
+    packages built in a subprocess instead, where a package can serve the call; everything
+    else (the whole-loss call of small inputs, a non-contiguous block) through torch.compile."""
 
-    def __init__(self, enabled: bool, compiler="inductor", min_elements: int = 1 << 12):
+    def __init__(self, enabled: bool, compiler="inductor", min_elements: int = 1 << 12,
+                 ahead_of_time: str | None = None):
         self.enabled = enabled
         self.min_elements = min_elements
+        inductor = compiler == "inductor"
         self.compile_args = {"backend": compiler,
-                             "options": INDUCTOR_OPTIONS if compiler == "inductor" else None}
+                             "options": INDUCTOR_OPTIONS if inductor else None}
+        self.aot = AotFunctions(ahead_of_time, INDUCTOR_OPTIONS) \
+            if ahead_of_time and inductor else None
         self._compiled: dict = {}
         self._scalars: dict = {}
 
@@ -62,6 +71,16 @@ class Compiler:
         changes, one recompile)."""
         if not self.enabled or args[0].numel() < self.min_elements:
             return fn(*args)
+        if self.aot is not None:
+            try:
+                runner = self.aot.runner(fn, args)
+                if runner is not None:
+                    return runner(*args)
+            except Exception as error:  # noqa: BLE001 - a package failing at run time
+                warnings.warn(f"unisd_fast: an ahead-of-time compiled pass failed "
+                              f"({type(error).__name__}: {error}); torch.compile from now on",
+                              RuntimeWarning, stacklevel=3)
+                self.aot = None
         for a in args if mark_rows else ():
             if isinstance(a, torch.Tensor) and a.dim() > 0:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
