@@ -111,12 +111,13 @@ BUFFERS = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path; CUDA runs Triton")
 def test_compiled_passes_allocate_no_block_sized_buffer():
     """Inductor's default realize_opcount_threshold stored the shifted sums' terms as a
-    rows x V buffer (and read them back); only the jsd stats passes keep two such buffers."""
+    rows x V buffer (and read them back); only the jsd stats passes keep such buffers (three:
+    the mixture terms, read twice, and the log-ratio whose row maximum picks their form)."""
     counts = dict(line.split() for line in run_compiled(BUFFERS).splitlines())
     assert len(counts) == 18, counts
     # the one-call passes return the gradient itself, a rows x V tensor; the mean-shifted
     # passes also keep two (fkl) or one (rkl) rows x V values between their reads (small
     # inputs only: at most 4 MiB each)
     assert {k: int(v) for k, v in counts.items() if v != "0"} == {
-        "stats_jsd": 2, "stats_grad_fkl": 1, "stats_grad_rkl": 1, "stats_grad_jsd": 3,
+        "stats_jsd": 3, "stats_grad_fkl": 1, "stats_grad_rkl": 1, "stats_grad_jsd": 4,
         "stats_grad_shifted_fkl": 3, "stats_grad_shifted_rkl": 2}, counts

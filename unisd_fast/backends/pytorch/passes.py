@@ -124,7 +124,7 @@ def stats(z, u, y, keep, tau, alpha, divergence: str):
     p_s = lp_s.exp()
     p_t = lp_t.exp()
     dx = torch.where(both | one, 0.0, (zf - uf) / tau)
-    base = lp_s if divergence == "rkl" else lp_t
+    base = zf if divergence == "rkl" else uf  # the raw logits: no wait on the log-sum-exp
     peak = base == base.amax(-1, keepdim=True)
     mu = torch.where(peak, dx, 0.0).sum(-1, keepdim=True) / peak.sum(-1, keepdim=True)
     mu = torch.where(mu.isfinite(), mu, 0.0)
