@@ -555,3 +555,14 @@ def test_view_mask_on_a_sparse_support(kind):
     assert_close(*logits_pair(case, cfg, kind, 21, extra={"view_mask": view_mask}))
     lcase = make_case(V=V)
     assert_close(*linear_pair(lcase, cfg, kind, 21, view_mask=torch.rand(2, 7) < 0.5))
+
+
+def test_linear_second_backward_fails_instead_of_doubling():
+    case = make_case(V=V)
+    h = case["student_hidden"].clone().requires_grad_()
+    out = usd.unisd_linear_loss(h, case["student_weight"], case["teacher_hidden"],
+                                case["teacher_weight"], case["labels"],
+                                config=usd.UniSDConfig(topk=9))
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()

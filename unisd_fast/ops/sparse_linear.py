@@ -132,7 +132,7 @@ def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_row
 
 class SparseLinearFunction(torch.autograd.Function):
     """The loss of ``sparse_linear_loss`` with the gradients it computed attached: backward
-    scales them by grad_output."""
+    scales them by grad_output, in place."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, run):
@@ -150,6 +150,8 @@ class SparseLinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):
         g = grad_loss.float()
-        grads = [None if x.numel() == 0 or not need else (x * g).to(x.dtype)
+        # in place: the Function owns these gradients and hands them over without a copy
+        # (a weight-sized one included); a second backward fails autograd's version check
+        grads = [None if x.numel() == 0 or not need else x.mul_(g.to(x.dtype))
                  for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], strict=True)]
         return (*grads, None)
