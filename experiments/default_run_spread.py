@@ -6,10 +6,10 @@ seeds, intra-op thread counts and ``--deterministic`` (docs/ablations.md, "The d
 --seed S --output-dir <work-dir>/<run>`` in an emptied folder, with ``OMP_NUM_THREADS`` and
 ``MKL_NUM_THREADS`` set to the thread count: the base's pre-training is part of every run.
 Each run's record (student and teacher accuracy, retention perplexity and KL, the base's
-pre-training steps and seconds, wall time and the load average before and after) is
-appended to ``runs.jsonl`` as it finishes (``--workers`` runs at a time); an interrupted
-spread resumes from it.
-``spread.md`` holds one row per run and the min / median / max over all of them.
+pre-training steps and seconds, wall time, OMP_WAIT_POLICY as inherited, and the load average
+before and after) is appended to ``runs.jsonl`` as it finishes (``--workers`` runs at a
+time); an interrupted spread resumes from it. ``spread.md`` holds one row per run and the
+min / median / max over all of them.
 
 The plan: every ``--seeds`` at ``--threads`` (1: the default run's own count, OMP_NUM_THREADS
 unset), then the ``--variant-seeds`` with ``--deterministic`` at ``--threads``, then at each
@@ -83,6 +83,7 @@ def run_job(job: Job, work_dir: Path) -> dict:
         "pretrain_s": base["seconds"],
         "base_copy": base["copy"],
         "wall_s": wall,
+        "omp_wait_policy": env.get("OMP_WAIT_POLICY", "default"),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
     }
@@ -107,20 +108,20 @@ def spread_table(records: list[dict], cmd: str, workers: int = 1) -> str:
         ("wall_s", "wall s", "{:.0f}"),
     ]
     head = "| run | seed | threads | deterministic | " + " | ".join(c[1] for c in cols)
-    head += " | load before / after |"
+    head += " | OMP wait policy | load before / after |"
     lines = [
         f"Default run spread: {len(records)} runs, each a fresh process of `{cmd}`"
         f" (OMP_NUM_THREADS / MKL_NUM_THREADS = threads), {workers} at a time.",
         "",
         head,
-        "|" + "---|" * (len(cols) + 5),
+        "|" + "---|" * (len(cols) + 6),
     ]
     for r in records:
         cells = " | ".join(fmt.format(r[key]) for key, _, fmt in cols)
         lines.append(
             f"| {Job(r['seed'], r['threads'], r['deterministic']).name} | {r['seed']} | "
             f"{r['threads']} | {'on' if r['deterministic'] else 'off'} | {cells} | "
-            f"{r['load_before']:.1f} / {r['load_after']:.1f} |"
+            f"{r['omp_wait_policy']} | {r['load_before']:.1f} / {r['load_after']:.1f} |"
         )
     lines += ["", "| figure | min | median | max |", "|---|---|---|---|"]
     for key, label, fmt in cols:

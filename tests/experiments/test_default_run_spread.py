@@ -51,6 +51,7 @@ def record(seed, threads, det, student, teacher, steps):
         "pretrain_reached": steps < 4000,
         "pretrain_s": 30.0,
         "wall_s": 100.0 + seed,
+        "omp_wait_policy": "default",
         "load_before": 1.0,
         "load_after": 2.0,
     }
@@ -109,7 +110,9 @@ def test_run_job_starts_from_an_empty_folder_with_its_thread_count(tmp_path, mon
         return spread.subprocess.CompletedProcess(cmd, 0, json.dumps(summary), "")
 
     monkeypatch.setattr(spread.subprocess, "run", fake_run)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     got = spread.run_job(job, tmp_path)
     assert seen["fresh"] and seen["threads"] == ("4", "4") and seen["cmd"][-1] == str(folder)
     assert (got["student"], got["teacher"], got["student_before"]) == (0.75, 1.0, 0.0)
     assert (got["pretrain_steps"], got["steps"], got["seed"], got["threads"]) == (300, 400, 5, 4)
+    assert got["omp_wait_policy"] == "default"
