@@ -566,3 +566,16 @@ def test_linear_second_backward_fails_instead_of_doubling():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["topk", "given"])
+def test_linear_when_every_row_meets_the_head(kind, monkeypatch):
+    """CUDA's schedule (every row through the head, ignored ones with zero coefficients),
+    run on CPU; the given support's padding rows hold a server's -inf and repeated ids."""
+    from unisd_fast.ops import linear_chunks
+
+    monkeypatch.setattr(linear_chunks, "ALL_ROWS_DEVICES", frozenset({"cpu"}))
+    case = make_case(V=V)
+    case["labels"][1, 2:] = -100
+    cfg = usd.UniSDConfig(tail_bucket=True, clip_quantile=0.7)
+    assert_close(*linear_pair(case, cfg, kind, 21, impl=WHOLE_HEAD))

@@ -58,7 +58,7 @@ def run_sparse_chunks(call: LinearCall, teacher: SparseTeacher, index, values, s
     for r0, r1 in ranges:
         idx = index[r0:r1]
         y, n = call.labels[idx], r1 - r0
-        every = torch.ones_like(y, dtype=torch.bool)
+        every = y != cfg.ignore_index  # all rows but where every row meets the head
         chunk = _chunk(buf, call.student_rows.index_select(0, idx),
                        call.teacher_rows.index_select(0, idx) if topk else None, call, topk)
         hs = chunk.hs
@@ -80,6 +80,7 @@ def run_sparse_chunks(call: LinearCall, teacher: SparseTeacher, index, values, s
                                  else teacher.label_logprobs[idx])
             teacher_lp, t_lab = given_rows(part, rows, y, every)
         d, A = support_divergence(rows.student_lp, teacher_lp, cfg)
+        d, A = torch.where(every, d, 0.0), torch.where(every.unsqueeze(-1), A, 0.0)
         values[:, r0:r1] = torch.stack([d.float(), rows.student_label, t_lab])
         if acc is None:
             continue
@@ -119,7 +120,7 @@ def sparse_linear_loss(call: LinearCall, teacher: SparseTeacher, shape, view_row
     acc = Accumulators(call, index.shape[0]) if any(call.grads) else None
     if cfg.clip_quantile is not None and acc is not None:
         run_sparse_chunks(call, teacher, index, values, scales, b_lab, None, None)
-    c = co.clip_threshold(values[0], torch.ones_like(index, dtype=torch.bool), cfg)
+    c = co.clip_threshold(values[0], mask[index], cfg)
     run_sparse_chunks(call, teacher, index, values, scales, b_lab, c, acc)
 
     d, s_lab, t_lab = scatter_rows(values, index, N).view(N_ROW_VALUES, *shape)
