@@ -226,9 +226,6 @@ def test_bad_view_mask_and_coverage():
     with pytest.raises(ValueError, match="view_mask is only accepted with agreement"):
         usd.unisd_loss(**{k: v for k, v in inputs.items() if k != "view_logits"},
                        view_mask=torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="view_mask is not supported with a sparse support"):
-        usd.unisd_loss(**inputs, config=cfg.replace(topk=4),
-                       view_mask=torch.ones(2, 3, dtype=torch.bool))
     for bad in (0.0, 1.2, float("nan")):
         with pytest.raises(ValueError, match="agreement_coverage"):
             usd.UniSDConfig(agreement="token", agreement_coverage=bad)
